@@ -1,0 +1,1 @@
+"""Strategies that sample subnetworks from a trained supernet or a tabular benchmark."""

@@ -1,0 +1,95 @@
+"""What every cell-based search space declares: its ops, cell shape, genotype type and rules."""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+
+# One cell's choice: per edge (in alpha-row order), the index of the chosen op, or None for an
+# edge the architecture does not use.
+Path = tuple[Optional[int], ...]
+Paths = dict[str, Path]
+
+
+class CellSpace(ABC):
+    """A cell-based space: cells are DAGs whose intermediate nodes sum ops applied to earlier nodes.
+
+    Nodes are numbered with the cell's input nodes first. `edges` lists every (node, input) pair
+    of the supernet cell in alpha-row order: node-major, then by input.
+    """
+
+    name: str
+    ops: tuple[str, ...]
+    cell_types: tuple[str, ...]
+    num_input_nodes: int
+    num_nodes: int  # intermediate nodes
+    pool_batchnorm: bool  # search networks append a non-affine BN to pools
+
+    def __init__(self) -> None:
+        self.edges: tuple[tuple[int, int], ...] = tuple(
+            (node, src)
+            for node in range(self.num_input_nodes, self.num_input_nodes + self.num_nodes)
+            for src in range(node)
+        )
+        self.edge_index = {edge: e for e, edge in enumerate(self.edges)}
+
+    @property
+    def num_edges(self) -> int:
+        return len(self.edges)
+
+    def op_index(self, name: str) -> int:
+        if name not in self.ops:
+            raise ValueError(f"unknown op {name!r} for space {self.name!r}; expected one of {list(self.ops)}")
+        return self.ops.index(name)
+
+    def node_edges(self, node: int) -> range:
+        """Rows of the alpha matrix that feed `node`."""
+        first = self.edge_index[(node, 0)]
+        return range(first, first + node)
+
+    @abstractmethod
+    def parse(self, text: str) -> Any:
+        """Genotype from its published string form."""
+
+    @abstractmethod
+    def format(self, genotype: Any) -> str:
+        """The published string form of a genotype."""
+
+    @abstractmethod
+    def validate(self, genotype: Any) -> Any:
+        """The genotype if it fits this search space, else ValueError naming the problem."""
+
+    @abstractmethod
+    def derive(self, weights: Mapping[str, torch.Tensor]) -> Any:
+        """Genotype from per-cell-type edge-op strengths (rows: edges, columns: ops)."""
+
+    @abstractmethod
+    def to_paths(self, genotype: Any) -> Paths:
+        """Per cell type, the op index each edge runs (None: edge unused)."""
+
+    @abstractmethod
+    def from_paths(self, paths: Mapping[str, Sequence[Optional[int]]]) -> Any:
+        """Inverse of `to_paths`."""
+
+    @abstractmethod
+    def random_genotype(self, rng: random.Random) -> Any:
+        """A uniformly drawn genotype, as random search and single-path training sample them."""
+
+    @abstractmethod
+    def mutate(self, genotype: Any, rng: random.Random) -> Any:
+        """A different genotype that changes one op or one input edge."""
+
+    def check_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        expected = (self.num_edges, len(self.ops))
+        for cell_type in self.cell_types:
+            if cell_type not in weights:
+                raise ValueError(f"missing weights for cell type {cell_type!r}")
+            if tuple(weights[cell_type].shape) != expected:
+                raise ValueError(f"weights for {cell_type!r} have shape {tuple(weights[cell_type].shape)}; "
+                                 f"expected {expected}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, ops={list(self.ops)})"
