@@ -1,8 +1,23 @@
-"""Datasets as tensors. The embedded default is real data shipped inside an installed wheel."""
+"""Datasets as tensors, train/validation/test splits, and resumable batch order.
+
+The embedded default is real data shipped inside an installed wheel (scikit-learn's digits), so a
+search runs offline. CIFAR-10 is read from a local folder in its standard python layout. Nothing is
+ever downloaded: a missing path is a ValueError.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import pickle
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
+
+DATASETS = ("digits", "cifar10")
+
+Pair = tuple[torch.Tensor, torch.Tensor]
 
 
 def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -13,3 +28,145 @@ def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(bunch.target, dtype=torch.long)
     return x, y
+
+
+def load_cifar10(root: "str | Path") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CIFAR-10 from its python layout (`cifar-10-batches-py/data_batch_1..5`, `test_batch`).
+
+    `root` is that folder or its parent. Returns (x_train, y_train, x_test, y_test), images in [0, 1].
+    """
+    root = Path(root)
+    folder = root if (root / "data_batch_1").is_file() else root / "cifar-10-batches-py"
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise ValueError(f"CIFAR-10 not found at {str(root)!r}: missing {missing} in {str(folder)!r}; expected the "
+                         "python version's folder 'cifar-10-batches-py' (nothing is downloaded)")
+
+    def read(name: str) -> Pair:
+        with open(folder / name, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        x = torch.from_numpy(batch[b"data"]).reshape(-1, 3, 32, 32).float() / 255.0
+        return x, torch.tensor(batch[b"labels"], dtype=torch.long)
+
+    train = [read(n) for n in names[:5]]
+    x_test, y_test = read("test_batch")
+    return torch.cat([x for x, _ in train]), torch.cat([y for _, y in train]), x_test, y_test
+
+
+@dataclass
+class Split:
+    """Normalised train / validation / test tensors (statistics from the training part only)."""
+
+    train: Pair
+    val: Pair
+    test: Pair
+    num_classes: int
+    in_channels: int
+
+    @property
+    def train_val(self) -> Pair:
+        """Training and validation together: what a derived architecture is retrained on."""
+        return torch.cat([self.train[0], self.val[0]]), torch.cat([self.train[1], self.val[1]])
+
+
+def check_tensors(x: torch.Tensor, y: torch.Tensor) -> None:
+    """ValueError unless x is (N, C, H, W) floating point and y is (N,) integer labels from 0."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"images have shape/type {shape}; expected a floating-point tensor (N, C, H, W)")
+    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.dtype != torch.long or len(y) != len(x):
+        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"labels have shape/type {shape}; expected a torch.long tensor of shape ({len(x)},)")
+    if len(y) and int(y.min()) < 0:
+        raise ValueError(f"labels must be class indices >= 0, got minimum {int(y.min())}")
+
+
+def split_data(x: torch.Tensor, y: torch.Tensor, seed: int, val_fraction: float = 0.5, test_fraction: float = 0.2,
+               test: Pair | None = None, max_train: int | None = None) -> Split:
+    """Shuffles with `seed`, holds out a test part (unless `test` is given), splits the rest train/val.
+
+    `val_fraction` is the share of the non-test data that becomes the validation set that the
+    architecture is fitted on (DARTS uses half). `max_train` caps the non-test examples used.
+    """
+    check_tensors(x, y)
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"{name} must be in (0, 1), got {value!r}")
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(x), generator=g)
+    if test is None:
+        n_test = int(round(test_fraction * len(x)))
+        test = (x[order[:n_test]], y[order[:n_test]])
+        order = order[n_test:]
+    check_tensors(*test)
+    if max_train is not None:
+        if max_train < 2:
+            raise ValueError(f"max_train must be at least 2, got {max_train!r}")
+        order = order[:max_train]
+    n_val = int(round(val_fraction * len(order)))
+    if n_val < 1 or len(order) - n_val < 1 or len(test[0]) < 1:
+        raise ValueError(f"{len(x)} examples are too few to split into train, validation and test parts")
+    train_idx, val_idx = order[n_val:], order[:n_val]
+    train = (x[train_idx], y[train_idx])
+    mean = train[0].mean(dim=(0, 2, 3), keepdim=True)
+    std = train[0].std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+
+    def norm(pair: Pair) -> Pair:
+        return ((pair[0] - mean) / std).contiguous(), pair[1]
+
+    num_classes = int(max(y.max(), test[1].max())) + 1
+    return Split(norm(train), norm((x[val_idx], y[val_idx])), norm(test), num_classes, x.shape[1])
+
+
+def load_split(dataset: str, seed: int, data_dir: "str | Path | None" = None, data: Pair | None = None,
+               val_fraction: float = 0.5, test_fraction: float = 0.2, max_train: int | None = None) -> Split:
+    """The split for `dataset`: 'digits' (embedded), 'cifar10' (from `data_dir`), or 'tensors' (`data`)."""
+    if dataset == "tensors":
+        if data is None:
+            raise ValueError("dataset='tensors' needs the (images, labels) tensors passed as data")
+        return split_data(*data, seed, val_fraction, test_fraction, max_train=max_train)
+    if data is not None:
+        raise ValueError(f"tensors were passed as data, but dataset={dataset!r}; use dataset='tensors'")
+    if dataset == "digits":
+        return split_data(*load_digits(), seed, val_fraction, test_fraction, max_train=max_train)
+    if dataset == "cifar10":
+        if data_dir is None:
+            raise ValueError("dataset='cifar10' needs data_dir: the folder holding 'cifar-10-batches-py'")
+        x, y, x_test, y_test = load_cifar10(data_dir)
+        return split_data(x, y, seed, val_fraction, test_fraction, test=(x_test, y_test), max_train=max_train)
+    raise ValueError(f"unknown dataset {dataset!r}; expected one of {list(DATASETS) + ['tensors']}")
+
+
+def fingerprint(*tensors: torch.Tensor) -> str:
+    """A short content hash, so a run can tell whether it is given the same tensors again."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Full batches per epoch (the last partial batch is dropped, so every step has the same size)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if n < batch_size:
+        raise ValueError(f"batch_size={batch_size} is larger than the {n} examples available; choose a smaller one")
+    return n // batch_size
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The example order of one epoch: a function of (seed, epoch) only, so a resumed run needs just its position."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def epoch_batches(data: Pair, batch_size: int, seed: int, epoch: int, start: int = 0) -> Iterator[Pair]:
+    """The batches of `epoch` from batch index `start` on, in the order `epoch_order` fixes."""
+    x, y = data
+    order = epoch_order(len(x), seed, epoch)
+    for step in range(start, steps_per_epoch(len(x), batch_size)):
+        idx = order[step * batch_size:(step + 1) * batch_size]
+        yield x[idx], y[idx]

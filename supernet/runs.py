@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
+import random
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -38,3 +42,92 @@ def atomic_write_text(text: str, path: "str | Path") -> Path:
 
 def atomic_write_json(obj: Any, path: "str | Path") -> Path:
     return atomic_write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", path)
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+# A checkpoint file is: a magic line, a JSON header line (format version, config, payload size and
+# SHA-256), then the torch.save bytes of the state. The hash catches any corruption (a truncated
+# copy, a flipped byte) before unpickling, and the config is compared without loading the payload.
+CHECKPOINT_MAGIC = b"SUPERNET-CHECKPOINT\n"
+CHECKPOINT_VERSION = 1
+
+
+def _jsonable(config: Any) -> Any:
+    """The config as it reads back from JSON (tuples become lists), so comparisons are like for like."""
+    return json.loads(json.dumps(config, sort_keys=True, default=str))
+
+
+def save_checkpoint(path: "str | Path", state: dict) -> Path:
+    """Writes `state` (which must hold a JSON-able dict under "config") atomically to `path`."""
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise ValueError("a checkpoint state must be a dict with a 'config' dict")
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    header = {"version": CHECKPOINT_VERSION, "config": _jsonable(state["config"]), "size": len(payload),
+              "sha256": hashlib.sha256(payload).hexdigest()}
+    head = json.dumps(header, sort_keys=True).encode() + b"\n"
+    return _atomic(path, lambda f: (f.write(CHECKPOINT_MAGIC), f.write(head), f.write(payload)))
+
+
+def config_differences(saved: dict, expected: dict) -> list[str]:
+    """'key: saved value vs expected value' for every key where two configs disagree."""
+    saved, expected = _jsonable(saved), _jsonable(expected)
+    return [f"{k}={saved.get(k, '<absent>')!r} in the checkpoint, {expected.get(k, '<absent>')!r} here"
+            for k in sorted(set(saved) | set(expected)) if saved.get(k, "<absent>") != expected.get(k, "<absent>")]
+
+
+def read_checkpoint_config(path: "str | Path") -> dict:
+    """The config stored in a checkpoint's header, after checking the file is whole."""
+    return _read_checkpoint(Path(path))[0]["config"]
+
+
+def _read_checkpoint(path: Path) -> tuple[dict, bytes]:
+    if not path.is_file():
+        raise ValueError(f"no checkpoint at {str(path)!r}")
+    raw = path.read_bytes()
+    if not raw.startswith(CHECKPOINT_MAGIC):
+        raise ValueError(f"checkpoint {str(path)!r} is corrupt: it does not start with the supernet checkpoint marker")
+    end = raw.find(b"\n", len(CHECKPOINT_MAGIC))
+    try:
+        header = json.loads(raw[len(CHECKPOINT_MAGIC):end])
+        size, digest = int(header["size"]), header["sha256"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"checkpoint {str(path)!r} is corrupt: its header cannot be read") from None
+    if header.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"checkpoint {str(path)!r} has format version {header.get('version')!r}; "
+                         f"this supernet reads version {CHECKPOINT_VERSION}")
+    payload = raw[end + 1:]
+    if len(payload) != size or hashlib.sha256(payload).hexdigest() != digest:
+        raise ValueError(f"checkpoint {str(path)!r} is corrupt: its contents do not match the stored checksum "
+                         f"({len(payload)} of {size} bytes present)")
+    return header, payload
+
+
+def load_checkpoint(path: "str | Path", expected_config: dict | None = None) -> dict:
+    """The state saved by `save_checkpoint`; ValueError if the file is corrupt or from a different config."""
+    path = Path(path)
+    header, payload = _read_checkpoint(path)
+    if expected_config is not None:
+        diff = config_differences(header["config"], expected_config)
+        if diff:
+            raise ValueError(f"checkpoint {str(path)!r} was written by a different config: " + "; ".join(diff))
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+
+
+def capture_rng_state() -> dict:
+    """torch, numpy and Python `random` generator states, in a form `torch.load(weights_only=True)` accepts."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                      "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])}}
+
+
+def restore_rng_state(state: dict) -> None:
+    """Inverse of `capture_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))

@@ -1,0 +1,77 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from supernet import data
+
+
+def test_digits_are_real_and_normalised_by_training_statistics():
+    x, y = data.load_digits()
+    assert x.shape == (1797, 1, 8, 8) and y.shape == (1797,)
+    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert set(y.tolist()) == set(range(10))
+    split = data.load_split("digits", seed=0)
+    n = [len(split.train[0]), len(split.val[0]), len(split.test[0])]
+    assert sum(n) == 1797 and n[2] == round(0.2 * 1797) and abs(n[0] - n[1]) <= 1
+    assert abs(float(split.train[0].mean())) < 1e-4 and abs(float(split.train[0].std()) - 1) < 1e-3
+    assert split.num_classes == 10 and split.in_channels == 1
+
+
+def test_split_is_a_function_of_the_seed_and_parts_are_disjoint():
+    x = torch.arange(100, dtype=torch.float32).reshape(100, 1, 1, 1)
+    y = torch.arange(100) % 3
+    a, b, c = (data.split_data(x, y, seed) for seed in (1, 1, 2))
+    assert torch.equal(a.train[0], b.train[0]) and not torch.equal(a.train[0], c.train[0])
+    # Labels 0..99 identify the examples: the three parts partition them.
+    y_unique = torch.arange(100)
+    s = data.split_data(x, y_unique, 1)
+    parts = [set(p[1].tolist()) for p in (s.train, s.val, s.test)]
+    assert set().union(*parts) == set(range(100)) and sum(len(p) for p in parts) == 100
+
+
+def test_epoch_order_resumes_from_a_position():
+    x, y = torch.randn(50, 1, 2, 2), torch.arange(50)
+    full = list(data.epoch_batches((x, y), 8, seed=3, epoch=2))
+    tail = list(data.epoch_batches((x, y), 8, seed=3, epoch=2, start=4))
+    assert len(full) == 50 // 8 and len(tail) == len(full) - 4
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(full[4:], tail, strict=True))
+    other = list(data.epoch_batches((x, y), 8, seed=3, epoch=3))
+    assert not torch.equal(full[0][1], other[0][1])
+
+
+def test_cifar10_is_read_from_its_python_layout(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 9]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    x, y, xt, yt = data.load_cifar10(tmp_path)
+    assert x.shape == (20, 3, 32, 32) and xt.shape == (4, 3, 32, 32)
+    assert y.tolist() == [0, 1, 2, 9] * 5
+    first = pickle.load(open(folder / "data_batch_1", "rb"))[b"data"][0]
+    assert torch.allclose(x[0].flatten(), torch.from_numpy(first).float() / 255)
+    split = data.load_split("cifar10", seed=0, data_dir=tmp_path)
+    assert len(split.test[0]) == 4 and split.num_classes == 10
+
+
+def test_missing_or_bad_data_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="CIFAR-10 not found"):
+        data.load_cifar10(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="needs data_dir"):
+        data.load_split("cifar10", seed=0)
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
+        data.load_split("mnist", seed=0)
+    with pytest.raises(ValueError, match="expected a floating-point tensor"):
+        data.split_data(torch.zeros(10, 8, 8), torch.zeros(10, dtype=torch.long), 0)
+    with pytest.raises(ValueError, match="larger than the 5 examples"):
+        data.steps_per_epoch(5, 8)
+
+
+def test_fingerprint_tells_tensors_apart():
+    x = torch.randn(4, 1, 2, 2)
+    assert data.fingerprint(x) == data.fingerprint(x.clone())
+    assert data.fingerprint(x) != data.fingerprint(x + 1)
