@@ -4,7 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Test shapes are tiny: one intra-op thread is faster than two, and far faster when the cores are
+# shared (spinning OpenMP threads made a 0.1 s forward take 20 s under load).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,1 @@
+"""Interoperability with the state_dict layouts of reference implementations."""
