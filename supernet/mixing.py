@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +25,9 @@ class NodePlan:
     """What one intermediate node computes: sum over `pairs` of weight * op_k(input_e)."""
 
     pairs: list[tuple[int, int]]  # (edge row, op index); `none` never appears
-    weights: Optional[torch.Tensor]  # (len(pairs),) or None for an unweighted sum
-    residual: Optional[torch.Tensor] = None  # 0-d, zero in value: straight-through gradient carrier
-    edge_weights: Optional[torch.Tensor] = None  # PC-DARTS edge normalisation, per incoming edge
+    weights: torch.Tensor | None  # (len(pairs),) or None for an unweighted sum
+    residual: torch.Tensor | None = None  # 0-d, zero in value: straight-through gradient carrier
+    edge_weights: torch.Tensor | None = None  # PC-DARTS edge normalisation, per incoming edge
 
 
 CellPlan = list[NodePlan]

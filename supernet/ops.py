@@ -6,7 +6,7 @@ Search networks build ops with `affine=False`; evaluation networks with `affine=
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

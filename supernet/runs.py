@@ -8,6 +8,8 @@ import json
 import os
 import random
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -131,3 +133,88 @@ def restore_rng_state(state: dict) -> None:
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
+
+
+# --- run folders ------------------------------------------------------------------------------
+# The files of a search run folder (one writer: supernet.trainer.search).
+CONFIG = "config.json"
+CHECKPOINT = "checkpoint.pt"
+RESULTS = "results.json"
+ALPHA_HISTORY = "alpha_history.json"
+LOG = "log.txt"
+
+
+def new_run_dir(root: "str | Path", prefix: str) -> Path:
+    """A fresh folder `root/prefix-YYYYmmdd-HHMMSS` (with a suffix if that exists already)."""
+    root = Path(root)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1000):
+        path = root / (f"{prefix}-{stamp}" + (f"-{n}" if n else ""))
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise ValueError(f"cannot create a new run folder under {str(root)!r}")
+
+
+class RunLog:
+    """Appends timestamped lines to a run's log file."""
+
+    def __init__(self, path: "str | Path") -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, message: str) -> None:
+        with open(self.path, "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and the libraries a result depends on."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    for name in ("supernet", "scikit-learn", "triton"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+@dataclass
+class LoadedRun:
+    """A search run rebuilt from its folder: the trained supernet, its config and its data split."""
+
+    network: Any  # SearchNetwork with the checkpoint's weights and alphas, in eval mode
+    config: Any  # supernet.trainer.SearchConfig
+    split: Any  # supernet.data.Split: the same train / val / test tensors the search saw
+    genotype: Any  # the searched genotype (None if the search had not finished)
+    state: dict  # the raw checkpoint state (position, history, optimizer states)
+
+
+def load_run(run_dir: "str | Path", data: "tuple | None" = None) -> LoadedRun:
+    """Rebuilds a search run's SearchNetwork, config and data split from `run_dir`'s checkpoint.
+
+    Pass `data=(images, labels)` again for a run searched on your own tensors (its fingerprint is checked).
+    Typical use: evaluate subnetworks with inherited weights,
+        run = load_run("runs/search-spos-...")
+        acc = accuracy(run.network.subnet(genotype), run.split.val)   # after BN recalibration for SPOS
+    """
+    from . import data as data_module
+    from .trainer import SearchConfig, build_network
+
+    run_dir = Path(run_dir)
+    state = load_checkpoint(run_dir / CHECKPOINT)
+    config = SearchConfig.from_dict(state["config"])
+    if data is not None and config.data_fingerprint != data_module.fingerprint(*data):
+        raise ValueError(f"the tensors passed as data are not the ones run {str(run_dir)!r} was searched on")
+    split = data_module.load_split(config.dataset, config.seed, config.data_dir, data, config.val_fraction,
+                                   config.test_fraction, config.max_train)
+    network = build_network(config, split.num_classes, split.in_channels)
+    network.load_state_dict(state["net"])
+    network.eval()
+    genotype = None if state["genotype"] is None else network.space.parse(state["genotype"])
+    return LoadedRun(network, config, split, genotype, state)

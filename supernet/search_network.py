@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Iterator, Optional
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,7 +35,7 @@ class SearchCell(nn.Module):
     """A supernet cell: every edge of the space's DAG holds all candidates."""
 
     def __init__(self, space: CellSpace, C: int, reduction: bool, channel_divisor: int,
-                 preprocess: Optional[Iterable[nn.Module]] = None) -> None:
+                 preprocess: Iterable[nn.Module] | None = None) -> None:
         super().__init__()
         self.space = space
         self.reduction = reduction
@@ -53,7 +54,9 @@ class SearchCell(nn.Module):
             if node_plan.edge_weights is not None:
                 s = self._partial_node(node, node_plan, states, fused)
             else:
-                outputs = [self.edges[e].ops[space.ops[k]](states[space.edges[e][1]]) for e, k in node_plan.pairs]
+                outputs = [o for e, ks in dispatch.group_by_edge(node_plan.pairs)
+                           for o in dispatch.edge_outputs(self.edges[e].ops, states[space.edges[e][1]],
+                                                          [space.ops[k] for k in ks], fused)]
                 s = dispatch.mixed_sum(outputs, node_plan.weights, fused) if outputs else self._zeros(states)
             if node_plan.residual is not None:
                 s = s + node_plan.residual
@@ -70,7 +73,7 @@ class SearchCell(nn.Module):
             x = states[space.edges[e][1]]
             c = x.shape[1] // edge.channel_divisor
             mine = [(i, k) for i, (pe, k) in enumerate(node_plan.pairs) if pe == e]
-            outputs = [edge.ops[space.ops[k]](x[:, :c]) for _, k in mine]
+            outputs = dispatch.edge_outputs(edge.ops, x[:, :c], [space.ops[k] for _, k in mine], fused)
             mixed = dispatch.mixed_sum(outputs, node_plan.weights[[i for i, _ in mine]], fused)
             rest = x[:, c:] if edge.stride == 1 else edge.bypass(x[:, c:])
             edge_outputs.append(channel_shuffle(torch.cat([mixed, rest], dim=1), edge.channel_divisor))
@@ -291,7 +294,7 @@ def preserved_batchnorm(model: nn.Module) -> Iterator[None]:
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, batches: Iterable, num_batches: Optional[int] = None) -> nn.Module:
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable, num_batches: int | None = None) -> nn.Module:
     """Re-estimates batch-norm statistics on a few batches (as SPOS does), then sets eval mode."""
     bns = _batchnorms(model)
     momenta = [m.momentum for m in bns]

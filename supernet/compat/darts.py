@@ -8,7 +8,7 @@ candidates by op (`cells.0.edges.3.ops.sep_conv_3x3.op.1.weight`) and registers 
 from __future__ import annotations
 
 import re
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 import torch
 
@@ -42,8 +42,8 @@ def _to_darts(key: str) -> str:
     return key
 
 
-def from_darts(state_dict: Mapping[str, torch.Tensor], alphas_normal: Optional[torch.Tensor] = None,
-               alphas_reduce: Optional[torch.Tensor] = None) -> SearchNetwork:
+def from_darts(state_dict: Mapping[str, torch.Tensor], alphas_normal: torch.Tensor | None = None,
+               alphas_reduce: torch.Tensor | None = None) -> SearchNetwork:
     """A softmax-mixing SearchNetwork holding a DARTS search network's weights and alphas.
 
     C, layers, classes and input channels are read from the tensors' shapes (DARTS's defaults of

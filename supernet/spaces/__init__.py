@@ -2,8 +2,8 @@
 
 from ..registry import Registry
 from .base import CellSpace, Path, Paths
-from .darts import PRIMITIVES, DartsSpace, Genotype
 from .darts import GENOTYPES as DARTS_GENOTYPES
+from .darts import PRIMITIVES, DartsSpace, Genotype
 from .nb201 import NB201_OPS, NB201Genotype, NB201Space
 
 SPACES: Registry[CellSpace] = Registry("search space")

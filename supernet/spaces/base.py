@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 # One cell's choice: per edge (in alpha-row order), the index of the chosen op, or None for an
 # edge the architecture does not use.
-Path = tuple[Optional[int], ...]
+Path = tuple[int | None, ...]
 Paths = dict[str, Path]
 
 
@@ -71,7 +72,7 @@ class CellSpace(ABC):
         """Per cell type, the op index each edge runs (None: edge unused)."""
 
     @abstractmethod
-    def from_paths(self, paths: Mapping[str, Sequence[Optional[int]]]) -> Any:
+    def from_paths(self, paths: Mapping[str, Sequence[int | None]]) -> Any:
         """Inverse of `to_paths`."""
 
     @abstractmethod

@@ -5,7 +5,8 @@ from __future__ import annotations
 import ast
 import random
 from collections import namedtuple
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -193,13 +194,13 @@ class DartsSpace(CellSpace):
         genotype = self.validate(genotype)
         paths: Paths = {}
         for cell_type in self.cell_types:
-            path: list[Optional[int]] = [None] * self.num_edges
+            path: list[int | None] = [None] * self.num_edges
             for i, (op, src) in enumerate(getattr(genotype, cell_type)):
                 path[self.edge_index[(i // 2 + 2, src)]] = self.op_index(op)
             paths[cell_type] = tuple(path)
         return paths
 
-    def from_paths(self, paths: Mapping[str, Sequence[Optional[int]]]) -> Genotype:
+    def from_paths(self, paths: Mapping[str, Sequence[int | None]]) -> Genotype:
         genes = {}
         for cell_type in self.cell_types:
             path = paths[cell_type]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import random
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -91,7 +92,7 @@ class NB201Space(CellSpace):
         genotype = self.validate(genotype)
         return {"cell": tuple(self.ops.index(op) for node in genotype for op, _ in node)}
 
-    def from_paths(self, paths: Mapping[str, Sequence[Optional[int]]]) -> NB201Genotype:
+    def from_paths(self, paths: Mapping[str, Sequence[int | None]]) -> NB201Genotype:
         path = paths["cell"]
         if len(path) != self.num_edges or any(k is None for k in path):
             raise ValueError(f"an nb201 path needs an op index on each of the {self.num_edges} edges, got {path}")
