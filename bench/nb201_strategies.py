@@ -1,0 +1,85 @@
+"""NAS-Bench-201 comparison of strategies on the 12-epoch table.
+
+Each strategy searches on `cifar10-val` with budgets of 100 and 300 evaluations over many seeds; the
+chosen cell (highest `cifar10-val` in the history) is reported by its `cifar10-test` accuracy and its
+regret against the best `cifar10-test` cell of the table (mean and standard deviation over seeds).
+
+    python bench/nb201_strategies.py --data $SUPERNET_DATA/nb201/nb201_12epoch.csv --seeds 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+from strategies import list_strategies, make_strategy, search
+from strategies.evaluators import TabularBenchmark, TabularEvaluator
+
+ORDER = ["random", "evolution", "reinforce", "qlearning"]
+_TABLE: dict[str, TabularBenchmark] = {}
+
+
+def _table(path: str) -> TabularBenchmark:
+    if path not in _TABLE:
+        _TABLE[path] = TabularBenchmark.load(path, "nb201")
+    return _TABLE[path]
+
+
+def run_one(path: str, name: str, budget: int, seed: int, search_metric: str, report_metric: str) -> tuple:
+    """One seeded search; returns (chosen arch, its report metric, seconds)."""
+    torch.set_num_threads(1)  # the REINFORCE controller is tiny: threads only add overhead
+    table = _table(path)
+    start = time.perf_counter()
+    strategy = search(make_strategy(name, "nb201", budget, seed), TabularEvaluator(table, search_metric))
+    chosen = strategy.best()
+    return chosen.arch, table.rows[chosen.arch][report_metric], time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    default_data = Path(os.environ.get("SUPERNET_DATA", "")) / "nb201" / "nb201_12epoch.csv"
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(default_data), help="the nb201_12epoch.csv table")
+    parser.add_argument("--seeds", type=int, default=100)
+    parser.add_argument("--budgets", type=int, nargs="+", default=[100, 300])
+    parser.add_argument("--strategies", nargs="+", default=ORDER, choices=list_strategies())
+    parser.add_argument("--search-metric", default="cifar10-val")
+    parser.add_argument("--report-metric", default="cifar10-test")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    table = _table(args.data)
+    table.check_metric(args.search_metric)
+    table.check_metric(args.report_metric)
+    best_arch, best_value = table.best(args.report_metric)
+    val_arch, _ = table.best(args.search_metric)
+    print(f"table: {args.data} ({len(table)} cells); search on {args.search_metric}, report {args.report_metric}")
+    print(f"best {args.report_metric} in the table: {best_value:.2f}; the best-{args.search_metric} cell scores "
+          f"{table.rows[val_arch][args.report_metric]:.2f}")
+    print()
+    print(f"| strategy | budget | seeds | {args.report_metric} (mean ± std) | regret (mean ± std) | found best | s/run |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    with ProcessPoolExecutor(args.workers) as pool:
+        for name in args.strategies:
+            for budget in args.budgets:
+                jobs = [pool.submit(run_one, args.data, name, budget, seed, args.search_metric, args.report_metric)
+                        for seed in range(args.seeds)]
+                results = [j.result() for j in jobs]
+                values = [v for _, v, _ in results]
+                regrets = [best_value - v for v in values]
+                found = sum(arch == val_arch for arch, _, _ in results)
+                seconds = statistics.mean(s for _, _, s in results)
+                print(f"| {name} | {budget} | {args.seeds} | {statistics.mean(values):.2f} ± "
+                      f"{statistics.stdev(values):.2f} | {statistics.mean(regrets):.2f} ± {statistics.stdev(regrets):.2f} "
+                      f"| {found}/{args.seeds} | {seconds:.3f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

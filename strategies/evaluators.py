@@ -1,0 +1,183 @@
+"""Evaluators answer a genotype with a reward and its metrics: a tabular benchmark, or a trained
+supernet whose subnetworks inherit its weights."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from supernet import SearchNetwork, preserved_batchnorm, recalibrate_batchnorm
+from supernet.spaces import CellSpace, get_space
+
+from .base import Evaluation
+from .metrics import Reward, classification_metrics, measure_latency, profile, reward_of
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class TabularBenchmark:
+    """A table of per-architecture metrics: a CSV with an `arch` column (the space's string form) and one
+    numeric column per metric, as `nb201_12epoch.csv` and `nb201_latency.csv`. Lookups are dict hits."""
+
+    NON_METRICS = ("index", "arch")
+
+    def __init__(self, rows: dict[str, dict[str, float]], metrics: Sequence[str], space: "str | CellSpace",
+                 source: str = "table") -> None:
+        self.rows, self.metrics, self.space, self.source = rows, tuple(metrics), get_space(space), source
+
+    @classmethod
+    def load(cls, path: "str | Path", space: "str | CellSpace" = "nb201") -> "TabularBenchmark":
+        """Reads a benchmark CSV."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"benchmark table {str(path)!r} does not exist; expected a CSV with an 'arch' column")
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            columns = reader.fieldnames or []
+            if "arch" not in columns:
+                raise ValueError(f"benchmark table {str(path)!r} has columns {columns}; expected an 'arch' column")
+            metrics = [c for c in columns if c not in cls.NON_METRICS]
+            rows = {}
+            for line, row in enumerate(reader, start=2):
+                try:
+                    rows[row["arch"]] = {m: float(row[m]) for m in metrics}
+                except (TypeError, ValueError):
+                    raise ValueError(f"{str(path)!r} line {line}: metrics must be numbers, got {row}") from None
+        if not rows:
+            raise ValueError(f"benchmark table {str(path)!r} has no rows")
+        return cls(rows, metrics, space, str(path))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def check_metric(self, metric: str) -> str:
+        if metric not in self.metrics:
+            raise ValueError(f"unknown metric column {metric!r} in {self.source}; expected one of {list(self.metrics)}")
+        return metric
+
+    def lookup(self, genotype: Any) -> dict[str, float]:
+        """The metrics of one architecture."""
+        arch = self.space.format(genotype)
+        try:
+            return self.rows[arch]
+        except KeyError:
+            raise ValueError(f"architecture {arch} is not in {self.source}") from None
+
+    def best(self, metric: str) -> tuple[str, float]:
+        """The architecture with the highest `metric` and its value."""
+        self.check_metric(metric)
+        arch = max(self.rows, key=lambda a: self.rows[a][metric])
+        return arch, self.rows[arch][metric]
+
+    def join(self, other: "TabularBenchmark") -> "TabularBenchmark":
+        """Both tables' metrics per architecture (e.g. accuracies and per-device latencies)."""
+        clash = set(self.metrics) & set(other.metrics)
+        if clash:
+            raise ValueError(f"tables {self.source} and {other.source} share metric columns {sorted(clash)}")
+        missing = [a for a in self.rows if a not in other.rows]
+        if missing:
+            raise ValueError(f"{len(missing)} architectures of {self.source} are missing from {other.source}, "
+                             f"e.g. {missing[0]}")
+        rows = {a: {**m, **other.rows[a]} for a, m in self.rows.items()}
+        return TabularBenchmark(rows, self.metrics + other.metrics, self.space, f"{self.source} + {other.source}")
+
+
+class TabularEvaluator:
+    """Answers instantly from a table; the reward is one metric column or a function of the row."""
+
+    def __init__(self, table: TabularBenchmark, reward: Reward = "cifar10-val") -> None:
+        if isinstance(reward, str):
+            table.check_metric(reward)
+        self.table, self.reward = table, reward
+
+    def __call__(self, genotype: Any) -> Evaluation:
+        metrics = self.table.lookup(genotype)
+        return Evaluation(reward_of(self.reward, metrics), dict(metrics))
+
+
+class SupernetEvaluator:
+    """Scores a candidate with the supernet's weights: `network.subnet(genotype)`, batch-norm statistics
+    re-estimated on `bn_batches` training batches (SPOS), then held-out accuracy, precision, recall,
+    macro-F1, parameters and FLOPs of the path, and optionally measured latency and table metrics
+    (e.g. a per-device latency table). The supernet's own batch-norm buffers are left unchanged."""
+
+    def __init__(self, network: SearchNetwork, train_batches: Sequence[Batch], heldout_batches: Sequence[Batch],
+                 bn_batches: int = 4, reward: Reward = "accuracy", measure_latency: bool = False,
+                 latency_repeats: int = 5, tables: Iterable[TabularBenchmark] = ()) -> None:
+        if not isinstance(network, SearchNetwork):
+            raise ValueError(f"network must be a SearchNetwork, got {type(network).__name__}")
+        if not train_batches or not heldout_batches:
+            raise ValueError("the supernet evaluator needs at least one training batch and one held-out batch")
+        if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 1:
+            raise ValueError(f"bn_batches must be a positive integer, got {bn_batches!r}")
+        self.network, self.train_batches, self.heldout_batches = network, list(train_batches), list(heldout_batches)
+        self.bn_batches, self.reward = bn_batches, reward
+        self.measure_latency, self.latency_repeats = measure_latency, latency_repeats
+        self.tables = list(tables)
+        for table in self.tables:
+            if table.space.name != network.space.name:
+                raise ValueError(f"table {table.source} is for space {table.space.name!r}; the supernet's space is "
+                                 f"{network.space.name!r}")
+
+    def __call__(self, genotype: Any) -> Evaluation:
+        network = self.network
+        was_training = network.training
+        sub = network.subnet(genotype)
+        try:
+            with preserved_batchnorm(network):
+                recalibrate_batchnorm(sub, self.train_batches, num_batches=self.bn_batches)
+                with torch.no_grad():
+                    predictions = torch.cat([sub(x).argmax(dim=1) for x, _ in self.heldout_batches])
+                labels = torch.cat([y for _, y in self.heldout_batches])
+                metrics = classification_metrics(predictions, labels, network.num_classes)
+                sample = self.heldout_batches[0][0]
+                metrics.update(profile(sub, sample))
+                if self.measure_latency:
+                    metrics["latency_ms"] = measure_latency(sub, sample[:1], self.latency_repeats)
+        finally:
+            network.train(was_training)
+        for table in self.tables:
+            metrics.update(table.lookup(genotype))
+        reward = reward_of(self.reward, metrics)
+        if not math.isfinite(reward):
+            raise ValueError(f"reward of {network.space.format(genotype)} is {reward}; expected a finite number")
+        return Evaluation(reward, metrics)
+
+
+def load_supernet(run_dir: "str | Path") -> tuple[SearchNetwork, list[Batch], list[Batch]]:
+    """The trained supernet of a `supernet search` run folder, with its training and held-out batches.
+
+    The one place that reads a run folder's checkpoint format (written by `supernet/` search loops).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"run folder {str(run_dir)!r} does not exist")
+    try:
+        from supernet.runs import load_run  # type: ignore[attr-defined]
+    except ImportError:
+        raise ValueError(f"cannot read run folder {str(run_dir)!r}: this version of supernet has no "
+                         f"supernet.runs.load_run to load a trained supernet; use --benchmark, or the "
+                         f"SupernetEvaluator API with a network and batches") from None
+    run = load_run(run_dir)
+    return _network_and_batches(run)
+
+
+def _network_and_batches(run: Any) -> tuple[SearchNetwork, list[Batch], list[Batch]]:
+    network = run["network"] if isinstance(run, dict) else run.network
+    train = run["train_batches"] if isinstance(run, dict) else run.train_batches
+    heldout = run["heldout_batches"] if isinstance(run, dict) else run.heldout_batches
+    return network, list(train), list(heldout)
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> list[Batch]:
+    """Splits tensors into (x, y) batches in order."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size!r}")
+    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+
+

@@ -1,0 +1,42 @@
+"""Regularized (aging) evolution (Real et al., 2019), as NAS-Bench-201 runs it."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from .base import STRATEGIES, Strategy
+
+
+@STRATEGIES.register("evolution")
+class RegularizedEvolution(Strategy):
+    """A population of the `population` latest trials: the first are random, then each child mutates
+    (one op or one input edge, `space.mutate`) the best of `sample_size` members drawn at random,
+    and the oldest member dies."""
+
+    name = "evolution"
+
+    def __init__(self, space, budget: int, seed: int = 0, population: int = 10, sample_size: int = 3) -> None:
+        super().__init__(space, budget, seed)
+        if isinstance(population, bool) or not isinstance(population, int) or population < 1:
+            raise ValueError(f"population must be a positive integer, got {population!r}")
+        if isinstance(sample_size, bool) or not isinstance(sample_size, int) or not 1 <= sample_size <= population:
+            raise ValueError(f"sample_size must be an integer in [1, population={population}], got {sample_size!r}")
+        self.population_size = population
+        self.sample_size = sample_size
+        self.population: deque[tuple[Any, float]] = deque()  # (genotype, reward), oldest first
+
+    def config(self) -> dict[str, Any]:
+        return {"population": self.population_size, "sample_size": self.sample_size}
+
+    def _propose(self) -> Any:
+        if len(self.population) < self.population_size:
+            return self.space.random_genotype(self.rng)
+        contenders = self.rng.sample(list(self.population), self.sample_size)
+        parent = max(contenders, key=lambda member: member[1])[0]
+        return self.space.mutate(parent, self.rng)
+
+    def _observe(self, genotype: Any, reward: float) -> None:
+        self.population.append((genotype, reward))
+        if len(self.population) > self.population_size:
+            self.population.popleft()
