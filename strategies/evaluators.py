@@ -149,29 +149,23 @@ class SupernetEvaluator:
         return Evaluation(reward, metrics)
 
 
-def load_supernet(run_dir: "str | Path") -> tuple[SearchNetwork, list[Batch], list[Batch]]:
-    """The trained supernet of a `supernet search` run folder, with its training and held-out batches.
+def load_supernet(run_dir: "str | Path", heldout: str = "val",
+                  batch_size: int | None = None) -> tuple[SearchNetwork, list[Batch], list[Batch]]:
+    """The trained supernet of a `supernet search` run folder, its training batches (for batch-norm
+    re-estimation) and its held-out batches (`heldout`: the run's "val" or "test" split).
 
-    The one place that reads a run folder's checkpoint format (written by `supernet/` search loops).
+    The one place that reads a run folder, through `supernet.runs.load_run`.
     """
+    from supernet.runs import load_run
+
+    if heldout not in ("val", "test"):
+        raise ValueError(f"heldout must be 'val' or 'test', got {heldout!r}")
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"run folder {str(run_dir)!r} does not exist")
-    try:
-        from supernet.runs import load_run  # type: ignore[attr-defined]
-    except ImportError:
-        raise ValueError(f"cannot read run folder {str(run_dir)!r}: this version of supernet has no "
-                         f"supernet.runs.load_run to load a trained supernet; use --benchmark, or the "
-                         f"SupernetEvaluator API with a network and batches") from None
     run = load_run(run_dir)
-    return _network_and_batches(run)
-
-
-def _network_and_batches(run: Any) -> tuple[SearchNetwork, list[Batch], list[Batch]]:
-    network = run["network"] if isinstance(run, dict) else run.network
-    train = run["train_batches"] if isinstance(run, dict) else run.train_batches
-    heldout = run["heldout_batches"] if isinstance(run, dict) else run.heldout_batches
-    return network, list(train), list(heldout)
+    size = batch_size or run.config.batch_size
+    return run.network, batches(*run.split.train, size), batches(*getattr(run.split, heldout), size)
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> list[Batch]:
