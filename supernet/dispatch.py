@@ -1,20 +1,327 @@
-"""The one place that decides between fused kernels and their PyTorch references."""
+"""The one place that decides between fused kernels and their PyTorch references.
+
+Fused ops are torch custom ops (`supernet::mixed_sum`, `supernet::pool_candidates`, with fake
+implementations and autograd formulas), so `torch.compile` traces through them without graph breaks.
+On CUDA they launch the Triton kernels in `kernels/`; elsewhere they run the PyTorch references.
+Per device, the fused path uses whichever variant measured fastest (bench/README.md has the figures).
+"""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import itertools
+from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import fused_conv
+from kernels.mixed_sum import common_dtype, mixed_sum_reference
+from kernels.pool_candidates import pool_candidates_reference
+
+try:  # Triton wheels exist for Linux only; without it every device runs the references.
+    from kernels import mixed_sum as _mixed_sum_triton
+    from kernels import pool_candidates as _pool_triton
+except ImportError:  # pragma: no cover
+    _mixed_sum_triton = _pool_triton = None
+
+# How the fused path computes an edge's convolutional candidates, per device type:
+#   "horizontal":  ReLU once; 3x3/5x5/dilated-3x3 depthwise stages as one 5x5 multiplier conv,
+#                  pointwise stages as one grouped 1x1 conv, one batch norm over all channels.
+#   "shared_relu": ReLU once; each candidate's convolutions run on their own.
+# On the CPU the 5x5 footprint costs more than the launches it saves (bench/README.md).
+CONV_FUSION = {"cpu": "shared_relu", "cuda": "horizontal"}
+POOLS = ("avg_pool_3x3", "max_pool_3x3")
 
 
-def mixed_sum(outputs: Sequence[torch.Tensor], weights: Optional[torch.Tensor], fused: bool = False) -> torch.Tensor:
-    """sum_i weights[i] * outputs[i] (a plain sum when weights is None)."""
+# --- mixed_sum ----------------------------------------------------------------------------------
+@torch.library.custom_op("supernet::mixed_sum", mutates_args=())
+def _mixed_sum_op(outputs: list[torch.Tensor], weights: torch.Tensor | None) -> torch.Tensor:
+    # CPU (and any non-CUDA) implementation: accumulate in place, no per-term temporaries kept.
+    dtype = common_dtype(outputs)
     if weights is None:
-        total = outputs[0]
+        total = outputs[0].to(dtype, copy=True)
         for o in outputs[1:]:
-            total = total + o
+            total.add_(o)
         return total
-    total = weights[0] * outputs[0]
-    for i in range(1, len(outputs)):
-        total = total + weights[i] * outputs[i]
+    total = outputs[0].to(dtype) * weights[0]
+    for k in range(1, len(outputs)):
+        total.addcmul_(outputs[k], weights[k])
     return total
+
+
+@_mixed_sum_op.register_fake
+def _(outputs, weights):
+    return outputs[0].new_empty(outputs[0].shape, dtype=common_dtype(outputs))
+
+
+@torch.library.custom_op("supernet::mixed_sum_backward", mutates_args=())
+def _mixed_sum_backward_op(outputs: list[torch.Tensor], weights: torch.Tensor | None, grad: torch.Tensor,
+                           need_weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gradients of the candidates stacked as (K, *shape), gradient of the weights or an empty tensor)."""
+    dtype = common_dtype(outputs)
+    g = grad.to(dtype)
+    k = len(outputs)
+    if weights is None:
+        grad_outputs = g.expand(k, *g.shape).clone()
+    else:
+        grad_outputs = weights.to(dtype).view(k, *([1] * g.dim())) * g
+    if not (need_weight_grad and weights is not None):
+        return grad_outputs, g.new_empty(0)
+    flat_g = g.reshape(-1).float()
+    grad_weights = torch.stack([torch.dot(o.reshape(-1).float(), flat_g) for o in outputs]).to(weights.dtype)
+    return grad_outputs, grad_weights
+
+
+@_mixed_sum_backward_op.register_fake
+def _(outputs, weights, grad, need_weight_grad):
+    dtype = common_dtype(outputs)
+    k = len(outputs)
+    grad_outputs = grad.new_empty((k, *grad.shape), dtype=dtype)
+    if not (need_weight_grad and weights is not None):
+        return grad_outputs, grad.new_empty(0, dtype=dtype)
+    return grad_outputs, weights.new_empty((k,))
+
+
+if _mixed_sum_triton is not None:
+    @_mixed_sum_op.register_kernel("cuda")
+    def _(outputs, weights):
+        return _mixed_sum_triton.mixed_sum_forward(outputs, weights)
+
+    @_mixed_sum_backward_op.register_kernel("cuda")
+    def _(outputs, weights, grad, need_weight_grad):
+        grad_outputs, grad_weights = _mixed_sum_triton.mixed_sum_backward(outputs, weights, grad, need_weight_grad)
+        return grad_outputs, grad_weights if grad_weights is not None else grad.new_empty(0, dtype=grad_outputs.dtype)
+
+
+def _mixed_sum_setup(ctx, inputs, output):
+    outputs, weights = inputs
+    ctx.num_outputs = len(outputs)
+    ctx.dtypes = [o.dtype for o in outputs]
+    ctx.need_weight_grad = weights is not None and weights.requires_grad
+    ctx.save_for_backward(weights, *outputs)
+
+
+def _mixed_sum_backward(ctx, grad):
+    weights, *outputs = ctx.saved_tensors
+    grad_outputs, grad_weights = _mixed_sum_backward_op(outputs, weights, grad, ctx.need_weight_grad)
+    grads = [g.to(dtype) for g, dtype in zip(grad_outputs.unbind(0), ctx.dtypes)]
+    return grads, grad_weights if ctx.need_weight_grad else None
+
+
+_mixed_sum_op.register_autograd(_mixed_sum_backward, setup_context=_mixed_sum_setup)
+
+
+def mixed_sum(outputs: Sequence[torch.Tensor], weights: torch.Tensor | None, fused: bool = False) -> torch.Tensor:
+    """sum_i weights[i] * outputs[i] (a plain sum when weights is None)."""
+    if not fused or len(outputs) == 1 and weights is None:
+        return mixed_sum_reference(outputs, weights)
+    return _mixed_sum_op(list(outputs), weights)
+
+
+# --- parameter-free candidates ------------------------------------------------------------------
+@torch.library.custom_op("supernet::pool_candidates", mutates_args=())
+def _pool_op(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(3x3 average pool without padding in the count, 3x3 max pool), padding 1."""
+    return pool_candidates_reference(x, stride)
+
+
+@_pool_op.register_fake
+def _(x, stride):
+    n, c, h, w = x.shape
+    shape = (n, c, (h - 1) // stride + 1, (w - 1) // stride + 1)
+    return x.new_empty(shape), x.new_empty(shape)
+
+
+@torch.library.custom_op("supernet::pool_candidates_backward", mutates_args=())
+def _pool_backward_op(x: torch.Tensor, stride: int, grad_avg: torch.Tensor, grad_max: torch.Tensor) -> torch.Tensor:
+    """dL/dx of both pools; the max pool's argmax is recomputed from x."""
+    dx = torch.ops.aten.avg_pool2d_backward(grad_avg, x, [3, 3], [stride, stride], [1, 1], False, False, None)
+    _, index = torch.ops.aten.max_pool2d_with_indices(x, [3, 3], [stride, stride], [1, 1])
+    return dx + torch.ops.aten.max_pool2d_with_indices_backward(grad_max, x, [3, 3], [stride, stride], [1, 1],
+                                                                 [1, 1], False, index)
+
+
+@_pool_backward_op.register_fake
+def _(x, stride, grad_avg, grad_max):
+    return torch.empty_like(x)
+
+
+if _pool_triton is not None:
+    @_pool_op.register_kernel("cuda")
+    def _(x, stride):
+        return _pool_triton.pool_candidates_forward(x, stride)
+
+    @_pool_backward_op.register_kernel("cuda")
+    def _(x, stride, grad_avg, grad_max):
+        return _pool_triton.pool_candidates_backward(x, stride, grad_avg, grad_max)
+
+
+def _pool_setup(ctx, inputs, output):
+    x, stride = inputs
+    ctx.stride = stride
+    ctx.save_for_backward(x)
+
+
+def _pool_backward(ctx, grad_avg, grad_max):
+    (x,) = ctx.saved_tensors
+    grad_avg = grad_avg if grad_avg is not None else torch.zeros_like(x[..., ::ctx.stride, ::ctx.stride])
+    grad_max = grad_max if grad_max is not None else torch.zeros_like(grad_avg)
+    return _pool_backward_op(x, ctx.stride, grad_avg, grad_max), None
+
+
+_pool_op.register_autograd(_pool_backward, setup_context=_pool_setup)
+
+
+def pool_candidates(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(avg pool, max pool) of x: one fused kernel on CUDA, the PyTorch pools elsewhere (faster there)."""
+    if x.is_cuda:
+        return _pool_op(x, stride)
+    return pool_candidates_reference(x, stride)
+
+
+# --- one edge's candidates ----------------------------------------------------------------------
+def batch_norm_concat(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d]) -> torch.Tensor:
+    """Several batch norms over their concatenated channels in one call, updating each one's statistics.
+
+    Exact, since batch norm is per channel. Falls back to one call per module when they differ in
+    mode or settings.
+    """
+    first = bns[0]
+    sizes = [bn.num_features for bn in bns]
+    same = all(bn.training == first.training and bn.momentum == first.momentum and bn.eps == first.eps
+               and bn.affine == first.affine and bn.track_running_stats == first.track_running_stats
+               for bn in bns)
+    if same and first.momentum is None and first.training and first.track_running_stats:
+        same = all(bool(bn.num_batches_tracked == first.num_batches_tracked) for bn in bns)
+    if len(bns) == 1 or not same:
+        return torch.cat([bn(c) for bn, c in zip(bns, y.split(sizes, dim=1))], dim=1)
+    # As nn.BatchNorm2d.forward does: count the batch, pick the averaging factor, use batch statistics
+    # in training (or when no running statistics are kept).
+    factor = 0.0 if first.momentum is None else first.momentum
+    if first.training and first.track_running_stats:
+        for bn in bns:
+            bn.num_batches_tracked.add_(1)
+        if first.momentum is None:
+            factor = 1.0 / float(first.num_batches_tracked)
+    use_batch_stats = first.training or not first.track_running_stats
+    mean = torch.cat([bn.running_mean for bn in bns]) if first.track_running_stats else None
+    var = torch.cat([bn.running_var for bn in bns]) if first.track_running_stats else None
+    weight = torch.cat([bn.weight for bn in bns]) if first.affine else None
+    bias = torch.cat([bn.bias for bn in bns]) if first.affine else None
+    out = F.batch_norm(y, mean, var, weight, bias, use_batch_stats, factor, first.eps)
+    if first.track_running_stats and first.training:
+        with torch.no_grad():
+            for bn, m, v in zip(bns, mean.split(sizes), var.split(sizes)):
+                bn.running_mean.copy_(m)
+                bn.running_var.copy_(v)
+    return out
+
+
+def _relu_tail(op: nn.Module) -> list[nn.Module] | None:
+    """The layers after a candidate's leading ReLU, or None when it does not start with one."""
+    seq = op.op if isinstance(getattr(op, "op", None), nn.Sequential) else op
+    if isinstance(seq, nn.Sequential) and len(seq) > 1 and isinstance(seq[0], nn.ReLU):
+        return list(seq)[1:]
+    return None
+
+
+def _is_depthwise(conv: nn.Module) -> bool:
+    return (isinstance(conv, nn.Conv2d) and conv.groups == conv.in_channels == conv.out_channels
+            and conv.bias is None and conv.kernel_size[0] == conv.kernel_size[1]
+            and fused_conv.span(conv.kernel_size[0], conv.dilation[0]) <= fused_conv.FOOTPRINT
+            and conv.dilation[0] == conv.dilation[1] and conv.stride[0] == conv.stride[1]
+            and conv.padding == (conv.dilation[0] * (conv.kernel_size[0] - 1) // 2,) * 2)
+
+
+def _is_pointwise(conv: nn.Module) -> bool:
+    return isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.groups == 1 and conv.bias is None \
+        and conv.stride == (1, 1)
+
+
+def _horizontal_stages(tail: list[nn.Module]) -> list[tuple[nn.Conv2d, nn.Conv2d, nn.BatchNorm2d]] | None:
+    """A tail made of (depthwise, pointwise, BN) stages joined by ReLUs, as a list of stages; else None."""
+    stages, i = [], 0
+    while i < len(tail):
+        if i and isinstance(tail[i], nn.ReLU):
+            i += 1
+        dw, pw, bn = (tail[i: i + 3] + [None, None, None])[:3]
+        if not (_is_depthwise(dw) and _is_pointwise(pw) and isinstance(bn, nn.BatchNorm2d)):
+            return None
+        if stages and dw.stride[0] != 1:
+            return None
+        stages.append((dw, pw, bn))
+        i += 3
+    return stages or None
+
+
+def _horizontal(r: torch.Tensor, stage_lists: list[list[tuple]]) -> list[torch.Tensor]:
+    """Runs candidates made of depthwise-pointwise-BN stages (ReLU in between) side by side."""
+    stride = stage_lists[0][0][0].stride[0]
+    first = [stages[0] for stages in stage_lists]
+    y = fused_conv.depthwise_pointwise_fused(r, [dw.weight for dw, _, _ in first], [dw.dilation[0] for dw, _, _ in first],
+                                             [pw.weight for _, pw, _ in first], stride)
+    y = batch_norm_concat(y, [bn for _, _, bn in first])
+    results = list(y.split([bn.num_features for _, _, bn in first], dim=1))
+    depth = 1
+    while True:
+        # candidates are ordered deepest first, so the ones that go on are a channel prefix of y
+        deeper = [j for j, stages in enumerate(stage_lists) if len(stages) > depth]
+        if not deeper:
+            return results
+        stage = [stage_lists[j][depth] for j in deeper]
+        prefix = sum(results[j].shape[1] for j in deeper)
+        y = fused_conv.grouped_depthwise_pointwise(torch.relu(y[:, :prefix]), [dw.weight for dw, _, _ in stage],
+                                                   [dw.dilation[0] for dw, _, _ in stage],
+                                                   [pw.weight for _, pw, _ in stage])
+        y = batch_norm_concat(y, [bn for _, _, bn in stage])
+        for j, out in zip(deeper, y.split([bn.num_features for _, _, bn in stage], dim=1)):
+            results[j] = out
+        depth += 1
+
+
+def edge_outputs(ops: nn.ModuleDict, x: torch.Tensor, names: Sequence[str], fused: bool = False) -> list[torch.Tensor]:
+    """The outputs of an edge's candidates `names` on x, in that order.
+
+    Fused: both pools come from one pass over x; every candidate that starts with a ReLU shares one
+    ReLU(x); convolutional candidates run side by side where the device's CONV_FUSION says so.
+    """
+    if not fused or len(names) == 1:
+        return [ops[name](x) for name in names]
+    out: dict[str, torch.Tensor] = {}
+    if all(p in names for p in POOLS):
+        avg, mx = pool_candidates(x, _pool_stride(ops[POOLS[0]]))
+        for name, y in zip(POOLS, (avg, mx)):
+            op = ops[name]
+            out[name] = op[1](y) if isinstance(op, nn.Sequential) else y  # the pool's batch norm, if any
+    tails = {name: _relu_tail(ops[name]) for name in names if name not in out}
+    r = torch.relu(x) if any(t is not None for t in tails.values()) else None
+    if CONV_FUSION.get(x.device.type, "shared_relu") == "horizontal":
+        stages = {name: _horizontal_stages(t) for name, t in tails.items() if t is not None}
+        group = [name for name, s in stages.items() if s is not None]
+        if len(group) > 1:
+            group.sort(key=lambda name: -len(stages[name]))
+            out.update(zip(group, _horizontal(r, [stages[name] for name in group])))
+    for name in names:
+        if name in out:
+            continue
+        tail = tails[name]
+        if tail is None:
+            out[name] = ops[name](x)
+        else:
+            y = r
+            for layer in tail:
+                y = layer(y)
+            out[name] = y
+    return [out[name] for name in names]
+
+
+def _pool_stride(op: nn.Module) -> int:
+    pool = op[0] if isinstance(op, nn.Sequential) else op
+    stride = pool.stride if isinstance(pool.stride, int) else pool.stride[0]
+    return int(stride)
+
+
+def group_by_edge(pairs: Sequence[tuple[int, int]]) -> list[tuple[int, list[int]]]:
+    """Consecutive (edge, op) pairs of one edge, as (edge, [ops]); order is kept."""
+    return [(e, [k for _, k in group]) for e, group in itertools.groupby(pairs, key=lambda p: p[0])]

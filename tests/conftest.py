@@ -8,6 +8,10 @@ import torch
 # shared (spinning OpenMP threads made a 0.1 s forward take 20 s under load).
 torch.set_num_threads(1)
 
+# Without a GPU, Triton kernels run in its interpreter; the flag must be set before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
@@ -16,3 +20,9 @@ def data_dir() -> Path:
     if not root or not Path(root).is_dir():
         pytest.skip("needs the real data folder: set SUPERNET_DATA (the .ci/run script sets it)")
     return Path(root)
+
+
+@pytest.fixture
+def nan_fill(monkeypatch):
+    """Fills every buffer the kernel launchers allocate with NaN, so an element a kernel skips fails."""
+    monkeypatch.setattr("kernels._alloc.FILL", float("nan"))
