@@ -1,0 +1,100 @@
+"""PNG plots for run folders: softmaxed alphas per edge over epochs, and derived cells drawn as graphs.
+
+Figures are built with `matplotlib.figure.Figure` directly (no pyplot), so plotting never touches
+the user's interactive backend and works headless.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from .spaces import CellSpace
+
+
+def plot_alpha_history(history: list[dict[str, list]], space: CellSpace, path: "str | Path") -> Path:
+    """One panel per (cell type, edge): each candidate's softmax weight against the epoch."""
+    if not history:
+        raise ValueError("the alpha history is empty; expected at least the initial alphas")
+    path = Path(path)
+    cols = min(space.num_edges, 7)
+    rows_per_type = math.ceil(space.num_edges / cols)
+    n_rows = rows_per_type * len(space.cell_types)
+    fig = Figure(figsize=(2.3 * cols, 1.9 * n_rows + 0.8), layout="constrained")
+    axes = fig.subplots(n_rows, cols, squeeze=False, sharex=True, sharey=True)
+    epochs = list(range(len(history)))
+    lines = []
+    for t, ct in enumerate(space.cell_types):
+        for e, (node, src) in enumerate(space.edges):
+            ax = axes[t * rows_per_type + e // cols][e % cols]
+            lines = [ax.plot(epochs, [h[ct][e][k] for h in history], lw=1.2)[0] for k in range(len(space.ops))]
+            ax.set_title(f"{ct}: {src}->{node}", fontsize=8)
+            ax.tick_params(labelsize=7)
+        for e in range(space.num_edges, rows_per_type * cols):
+            axes[t * rows_per_type + e // cols][e % cols].set_visible(False)
+    fig.supxlabel("epoch")
+    fig.supylabel("softmax(alpha)")
+    fig.legend(lines, list(space.ops), loc="outside upper center", ncol=len(space.ops), fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    return path
+
+
+def _node_names(space: CellSpace) -> list[str]:
+    if space.num_input_nodes == 2:  # DARTS: the two previous cells' outputs, then intermediate nodes 0..n-1
+        return ["c_{k-2}", "c_{k-1}"] + [str(i) for i in range(space.num_nodes)]
+    return [str(i) for i in range(space.num_input_nodes + space.num_nodes)]
+
+
+def plot_cell(genotype: Any, space: CellSpace, cell_type: str, path: "str | Path") -> Path:
+    """The cell of `genotype` as a DAG: inputs on the left, the output on the right, ops on the edges."""
+    if cell_type not in space.cell_types:
+        raise ValueError(f"unknown cell type {cell_type!r}; expected one of {list(space.cell_types)}")
+    path = Path(path)
+    chosen = space.to_paths(genotype)[cell_type]
+    names = _node_names(space)
+    n_in, n_mid = space.num_input_nodes, space.num_nodes
+    pos = {}
+    for i in range(n_in):
+        pos[i] = (0.0, 1.0 - 2.0 * i) if n_in > 1 else (0.0, 0.0)
+    for j in range(n_mid):  # intermediate nodes left to right on a zig-zag, so edges rarely cross labels
+        pos[n_in + j] = (2.0 + 2.0 * j, 1.8 * (-1) ** j)
+    out_x = 2.0 + 2.0 * n_mid
+    fig = Figure(figsize=(2.5 + 2.2 * n_mid, 4.2), layout="constrained")
+    ax = fig.subplots()
+    none = space.ops.index("none") if "none" in space.ops else None
+    for e, (node, src) in enumerate(space.edges):
+        k = chosen[e]
+        if k is None or k == none:
+            continue
+        (x0, y0), (x1, y1) = pos[src], pos[node]
+        ax.annotate("", xy=(x1, y1), xytext=(x0, y0),
+                    arrowprops={"arrowstyle": "-|>", "color": "0.35", "shrinkA": 15, "shrinkB": 15})
+        t = 0.6  # label nearer the destination: edges leaving one node would otherwise share a spot
+        ax.text(x0 + t * (x1 - x0), y0 + t * (y1 - y0), space.ops[k], fontsize=7, ha="center", va="center",
+                rotation=math.degrees(math.atan2((y1 - y0) * 0.6, x1 - x0)), rotation_mode="anchor",
+                bbox={"boxstyle": "round,pad=0.15", "fc": "lightyellow", "ec": "0.7"})
+    if n_in == 2:  # DARTS cells concatenate the intermediate nodes into the output
+        out_nodes = list(range(n_in, n_in + n_mid))
+        pos["out"] = (out_x, 0.0)
+        for j in out_nodes:
+            ax.annotate("", xy=pos["out"], xytext=pos[j],
+                        arrowprops={"arrowstyle": "-|>", "color": "0.75", "shrinkA": 14, "shrinkB": 14})
+        names_out = {"out": "c_{k}"}
+    else:
+        names_out = {}
+    for node, (x, y) in pos.items():
+        label = names_out.get(node, names[node] if isinstance(node, int) else node)
+        color = "lightskyblue" if node == "out" or (isinstance(node, int) and node < n_in) else "lightgray"
+        ax.text(x, y, label, fontsize=9, ha="center", va="center",
+                bbox={"boxstyle": "circle,pad=0.3", "fc": color, "ec": "0.3"})
+    ax.set_xlim(-0.6, out_x + 0.6)
+    ax.set_ylim(-2.4, 2.4)
+    ax.set_axis_off()
+    ax.set_title(cell_type if cell_type == "cell" else f"{cell_type} cell", fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
