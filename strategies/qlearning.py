@@ -6,7 +6,9 @@ edge of which node is being built, the choice its op type or connection, as Meta
 layer just added. Only the finished architecture is rewarded (intermediate rewards are 0), and
     Q(s, a) <- Q(s, a) + alpha * (r + gamma * max_a' Q(s', a') - Q(s, a)),
 with max_a' Q = 0 at the terminal state. After each told reward, `replay` stored episodes (the newest
-always among them) are replayed, each from its last transition back to its first.
+always among them) are replayed, each from its last transition back to its first. As in MetaQNN, an
+episode that rebuilds an architecture already evaluated learns from its stored reward instead of
+spending budget, and the agent builds again (up to `MAX_REBUILDS` times).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from .base import STRATEGIES, Strategy
 from .encoding import DecisionSpace
 
 State = Hashable
+MAX_REBUILDS = 100
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,16 @@ class QLearning(Strategy):
         return new
 
     def _propose(self) -> Any:
+        rewards = {t.arch: t.reward for t in self.history}
+        for attempt in range(MAX_REBUILDS):
+            genotype = self._build()
+            arch = self.space.format(genotype)
+            if arch not in rewards or attempt == MAX_REBUILDS - 1:  # new, or the space looks exhausted
+                return genotype
+            self._learn(rewards[arch])
+
+    def _build(self) -> Any:
+        """One epsilon-greedy episode; its transitions wait in `_episode` for the reward."""
         epsilon = self.epsilon()
         choices: list[int] = []
         transitions: list[Transition] = []
@@ -102,6 +115,10 @@ class QLearning(Strategy):
         return self.decisions.decode(choices)
 
     def _observe(self, genotype: Any, reward: float) -> None:
+        self._learn(reward)
+
+    def _learn(self, reward: float) -> None:
+        """Stores the pending episode with its reward and replays stored episodes."""
         self.memory.append((self._episode, reward))
         self._episode = None
         replayed = [self.memory[-1]] + [self.rng.choice(self.memory) for _ in range(self.replay_size - 1)]

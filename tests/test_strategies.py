@@ -1,0 +1,252 @@
+"""Strategies: the ask/tell protocol, finding known optima, evolution vs random, the Q-learning update,
+exact resumption, and clear errors."""
+
+import itertools
+import random
+import statistics
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from strategies import DecisionSpace, Evaluation, QLearning, list_strategies, make_strategy, restore, search
+from supernet import get_space
+from supernet.spaces import DartsSpace, NB201Space
+
+ALL = ["random", "evolution", "reinforce", "qlearning"]
+
+
+class TinyCell(NB201Space):
+    """NAS-Bench-201's cell shrunk to 2 nodes (3 edges) and 3 ops: 27 architectures."""
+
+    name = "tinycell"
+    ops = ("none", "skip_connect", "nor_conv_3x3")
+    num_nodes = 2
+
+
+class TinyDarts(DartsSpace):
+    """A DARTS cell with 2 nodes and 2 real ops: nodes pick 2 inputs, so input edges are searched too."""
+
+    name = "tinydarts"
+    ops = ("none", "skip_connect", "sep_conv_3x3")
+    num_nodes = 2
+
+
+def additive_benchmark(space, seed):
+    """Reward = sum over edges of a random score per (edge, op)."""
+    rng = random.Random(seed)
+    scores = [[rng.random() for _ in space.ops] for _ in space.edges]
+
+    def reward(genotype):
+        path = space.to_paths(genotype)["cell"]
+        return sum(scores[e][k] for e, k in enumerate(path))
+
+    return reward
+
+
+def all_paths(space):
+    """Every architecture of an all-inputs cell space, enumerated independently of the strategies."""
+    return [space.from_paths({"cell": p}) for p in itertools.product(range(len(space.ops)), repeat=space.num_edges)]
+
+
+def run(name, space, budget, seed, reward, **options):
+    return search(make_strategy(name, space, budget, seed, **options), lambda g: Evaluation(reward(g), {}))
+
+
+def test_registry_lists_every_strategy():
+    assert set(list_strategies()) == set(ALL)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_every_strategy_finds_the_optimum_of_a_small_additive_benchmark(name, seed):
+    space = TinyCell()
+    reward = additive_benchmark(space, seed=1)
+    optimum = max(reward(g) for g in all_paths(space))
+    strategy = run(name, space, 80, seed, reward)
+    assert strategy.best().reward == pytest.approx(optimum, abs=1e-12)
+    assert len(strategy.history) == 80
+
+
+def darts_target_benchmark():
+    space = TinyDarts()  # 2,304 architectures
+    target = space.random_genotype(random.Random(7))
+
+    def reward(g):  # (op, input) pairs equal to the target's, slot by slot: only the target scores 6
+        return (sum(a == b for a, b in zip(g.normal, target.normal))
+                + 0.5 * sum(a == b for a, b in zip(g.reduce, target.reduce)))
+
+    return space, target, reward
+
+
+@pytest.mark.parametrize("name, seed", [("evolution", 0), ("evolution", 1), ("reinforce", 0)])
+def test_evolution_and_reinforce_find_a_known_darts_cell_with_input_edges(name, seed):
+    space, target, reward = darts_target_benchmark()
+    strategy = run(name, space, 200, seed, reward)
+    assert strategy.best().arch == space.format(target)
+
+
+def test_qlearning_searches_input_edges_better_than_random_search():
+    # Its aliased (position, last choice) states average rewards, so it need not reach the exact optimum here.
+    space, target, reward = darts_target_benchmark()
+    seeds = range(4)
+    qlearning = [run("qlearning", space, 300, s, reward).best().reward for s in seeds]
+    random_search = [run("random", space, 300, s, reward).best().reward for s in seeds]
+    assert statistics.mean(qlearning) > statistics.mean(random_search)
+    assert min(qlearning) >= 5.0
+
+
+def test_regularized_evolution_beats_random_search_on_a_structured_benchmark():
+    space = get_space("nb201")
+    target = space.to_paths(space.random_genotype(random.Random(3)))["cell"]
+
+    def reward(g):  # edges that agree with a hidden cell: a smooth landscape mutations can climb
+        return float(sum(a == b for a, b in zip(space.to_paths(g)["cell"], target)))
+
+    seeds = range(12)
+    evolution = [run("evolution", space, 100, s, reward).best().reward for s in seeds]
+    random_search = [run("random", space, 100, s, reward).best().reward for s in seeds]
+    assert statistics.mean(evolution) > statistics.mean(random_search)
+
+
+def test_qlearning_update_matches_the_formula_on_a_hand_computed_example():
+    q = QLearning("nb201", budget=5, alpha=0.5, gamma=0.9)
+    s, s_next = (2, 1), (3, 4)
+    q.q[(s, 3)] = 1.0
+    q.q[(s_next, 0)] = 2.0
+    q.q[(s_next, 1)] = 5.0
+    q.q[(s_next, 2)] = 7.0  # not allowed in s_next: must not enter the max
+    # 1 + 0.5 * (0.25 + 0.9 * max(2, 5) - 1) = 2.875
+    assert q.update(s, 3, 0.25, s_next, (0, 1)) == pytest.approx(2.875)
+    assert q.q[(s, 3)] == pytest.approx(2.875)
+    # Terminal: no future term. 2.875 + 0.5 * (4 - 2.875) = 3.4375
+    assert q.update(s, 3, 4.0, None, ()) == pytest.approx(3.4375)
+    # An unseen pair starts from q_init.
+    fresh = QLearning("nb201", budget=5, alpha=0.25, gamma=1.0, q_init=2.0)
+    assert fresh.update((0, None), 1, 10.0, None, ()) == pytest.approx(2.0 + 0.25 * 8.0)
+
+
+def test_qlearning_explores_less_as_the_budget_is_spent():
+    q = QLearning("nb201", budget=10, epsilon_start=1.0, epsilon_end=0.1, explore_fraction=0.5)
+    reward = additive_benchmark(get_space("nb201"), 0)
+    epsilons = []
+    for _ in range(10):
+        epsilons.append(q.epsilon())
+        g = q.ask()
+        q.tell(g, reward(g))
+    assert epsilons[0] == 1.0 and epsilons[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(epsilons, epsilons[1:]))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_resumed_search_equals_an_uninterrupted_one(name, tmp_path):
+    space = get_space("nb201")
+    reward = additive_benchmark(space, 5)
+    full = run(name, space, 30, 11, reward)
+
+    checkpoint = tmp_path / f"{name}.json"
+    evaluate = lambda g: Evaluation(reward(g), {"size": 1.0})  # noqa: E731
+    search(make_strategy(name, space, 30, 11), evaluate, checkpoint, checkpoint_every=4, max_evaluations=13)
+    resumed = restore(checkpoint)
+    assert len(resumed.history) == 13
+    search(resumed, evaluate)
+    assert [t.arch for t in resumed.history] == [t.arch for t in full.history]
+    assert [t.reward for t in resumed.history] == [t.reward for t in full.history]
+    assert resumed.history[0].metrics == {"size": 1.0}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_same_seed_same_search_and_different_seeds_differ(name):
+    reward = additive_benchmark(get_space("nb201"), 2)
+    a, b, c = (run(name, "nb201", 15, seed, reward) for seed in (4, 4, 5))
+    assert [t.arch for t in a.history] == [t.arch for t in b.history]
+    assert [t.arch for t in a.history] != [t.arch for t in c.history]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_strategies_propose_valid_genotypes_of_the_full_darts_space(name):
+    space = get_space("darts")
+    strategy = make_strategy(name, space, 6, 0)
+    for _ in range(6):
+        g = strategy.ask()
+        assert space.validate(g) == g
+        assert all(op != "none" for op, _ in g.normal + g.reduce)
+        strategy.tell(g, float(sum(op == "sep_conv_3x3" for op, _ in g.normal)))
+    assert strategy.done
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31), space_name=st.sampled_from(["darts", "nb201"]))
+def test_decisions_round_trip_and_respect_their_valid_sets(seed, space_name):
+    decisions = DecisionSpace(space_name)
+    genotype = decisions.space.random_genotype(random.Random(seed))
+    choices = decisions.encode(genotype)
+    assert decisions.decode(choices) == genotype
+    for t, c in enumerate(choices):
+        assert c in decisions.valid(choices[:t])
+
+
+def test_reinforce_raises_the_probability_of_a_rewarded_architecture():
+    strategy = make_strategy("reinforce", TinyCell(), 60, 0, lr=0.05)
+    good = TinyCell().from_paths({"cell": [2, 2, 2]})
+    choices = strategy.decisions.encode(good)
+    before = strategy.probabilities(choices)
+    search(strategy, lambda g: Evaluation(1.0 if g == good else 0.0, {}))
+    assert strategy.probabilities(choices) > before
+
+
+def test_evolution_keeps_only_the_latest_population():
+    strategy = run("evolution", "nb201", 25, 0, additive_benchmark(get_space("nb201"), 0), population=5, sample_size=2)
+    assert [get_space("nb201").format(g) for g, _ in strategy.population] == [t.arch for t in strategy.history[-5:]]
+
+
+# --- bad input -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("budget", [0, -3, 2.5, True])
+def test_a_budget_that_is_not_a_positive_integer_is_a_clear_error(budget):
+    with pytest.raises(ValueError, match="budget must be a positive number of evaluations"):
+        make_strategy("random", "nb201", budget)
+
+
+def test_unknown_strategy_and_bad_options_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown strategy 'annealing'"):
+        make_strategy("annealing", "nb201", 10)
+    with pytest.raises(ValueError, match="bad options for strategy 'random'"):
+        make_strategy("random", "nb201", 10, population=3)
+    with pytest.raises(ValueError, match="sample_size must be an integer in"):
+        make_strategy("evolution", "nb201", 10, population=3, sample_size=4)
+    with pytest.raises(ValueError, match="alpha must be in"):
+        make_strategy("qlearning", "nb201", 10, alpha=1.5)
+
+
+def test_protocol_misuse_is_a_clear_error():
+    space = get_space("nb201")
+    strategy = make_strategy("random", space, 1, 0)
+    with pytest.raises(ValueError, match="without a pending ask"):
+        strategy.tell(space.random_genotype(random.Random(0)), 1.0)
+    g = strategy.ask()
+    with pytest.raises(ValueError, match="before asking again"):
+        strategy.ask()
+    with pytest.raises(ValueError, match="reward must be a finite number"):
+        strategy.tell(g, float("nan"))
+    other = space.mutate(g, random.Random(0))
+    with pytest.raises(ValueError, match="expected the pending"):
+        strategy.tell(other, 1.0)
+    strategy.tell(g, 1.0)
+    with pytest.raises(ValueError, match="budget of 1 evaluations is spent"):
+        strategy.ask()
+
+
+def test_a_checkpoint_from_another_seed_or_space_is_rejected(tmp_path):
+    reward = additive_benchmark(get_space("nb201"), 0)
+    path = tmp_path / "evolution.json"
+    run("evolution", "nb201", 12, 0, reward).save(path)
+    state = __import__("json").loads(path.read_text())
+    state["seed"] = 1
+    with pytest.raises(ValueError, match="checkpoint does not match evolution with seed 1"):
+        restore(state)
+    with pytest.raises(ValueError, match="written for space 'nb201', not 'darts'"):
+        restore(path, space="darts")
+    with pytest.raises(ValueError, match="below the 12 evaluations"):
+        restore(path, budget=5)
+    with pytest.raises(ValueError, match="does not exist"):
+        restore(tmp_path / "missing.json")
