@@ -240,3 +240,22 @@ def test_sample_command_bad_inputs_exit_with_one_clear_line(synthetic_table, tmp
     assert "unknown strategy 'annealing'" in capsys.readouterr().err
     assert cli_main(["sample", "--run", str(tmp_path / "no-run")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_sample_command_over_a_run_folder(tmp_path):
+    # A run folder as `supernet search` leaves it, read back through supernet.runs.load_run.
+    from supernet import runs, trainer
+
+    config = trainer.SearchConfig(method="spos", space="nb201", C=4, layers=1, epochs=1, retrain_epochs=0, batch_size=64)
+    torch.manual_seed(0)
+    net = trainer.build_network(config, num_classes=10, in_channels=1)
+    run_dir = tmp_path / "search-spos"
+    runs.save_checkpoint(run_dir / runs.CHECKPOINT, {"config": config.to_dict(), "net": net.state_dict(),
+                                                      "genotype": None})
+    out = tmp_path / "out"
+    assert cli_main(["sample", "--run", str(run_dir), "--strategy", "evolution", "--budget", "3",
+                     "--bn-batches", "1", "--out", str(out), "--cost", "params"]) == 0
+    history = json.loads((out / "evolution.json").read_text())["history"]
+    assert len(history) == 3
+    assert all(0 <= t["metrics"]["accuracy"] <= 100 and t["metrics"]["params"] > 0 for t in history)
+    assert json.loads((out / "summary.json").read_text())["pareto_front"]
