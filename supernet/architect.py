@@ -27,14 +27,14 @@ def first_order_gradient(net: SearchNetwork, val: Batch) -> tuple[list[torch.Ten
     return list(torch.autograd.grad(loss, net.arch_parameters(), materialize_grads=True)), loss.detach()
 
 
-def unrolled_gradient(net: SearchNetwork, train: Batch, val: Batch,
-                      xi: float) -> tuple[list[torch.Tensor], torch.Tensor]:
+def unrolled_gradient(net: SearchNetwork, train: Batch, val: Batch, xi: float,
+                      radius: float = 0.01) -> tuple[list[torch.Tensor], torch.Tensor]:
     """DARTS second order: the gradient of L_val(w - xi * grad_w L_train(w, alpha), alpha) w.r.t. alpha.
 
         w'  = w - xi * grad_w L_train(w, alpha)                       (one virtual SGD step)
         hyper = grad_alpha L_val(w', alpha) - xi * H v,   v = grad_w' L_val(w', alpha)
         H v  ~= (grad_alpha L_train(w+, alpha) - grad_alpha L_train(w-, alpha)) / (2 eps)
-        w+-  = w +- eps * v,   eps = 0.01 / ||v||
+        w+-  = w +- eps * v,   eps = radius / ||v||    (DARTS: radius 0.01)
 
     The virtual step is plain SGD as the DARTS paper writes it (no momentum or weight decay).
     Weights are moved in place and restored exactly; batch-norm statistics are left untouched.
@@ -50,7 +50,7 @@ def unrolled_gradient(net: SearchNetwork, train: Batch, val: Batch,
         grads = torch.autograd.grad(val_loss, arch + weights, materialize_grads=True)
         d_arch, v = grads[:len(arch)], grads[len(arch):]
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(v))).item()
-        eps = 0.01 / max(norm, 1e-12)
+        eps = radius / max(norm, 1e-12)
         try:
             with torch.no_grad():
                 torch._foreach_copy_(weights, saved)

@@ -67,7 +67,7 @@ class SearchConfig:
     seed: int = 0
     C: int = 8  # initial channels of the search network (DARTS: 16)
     layers: int = 5  # cells, reductions at 1/3 and 2/3 (DARTS: 8)
-    epochs: int = 10  # (DARTS: 50)
+    epochs: int = 6  # (DARTS: 50)
     batch_size: int = 64
     steps_per_epoch: int | None = None  # cap on steps per epoch (None: one pass over the training split)
     w_lr: float = 0.025  # SGD with momentum, cosine schedule down to w_lr_min (DARTS)
@@ -84,8 +84,8 @@ class SearchConfig:
     tau_min: float = 0.1
     spos_candidates: int = 20  # spos: random subnets ranked on the validation split to pick the result
     checkpoint_every: int = 0  # steps between checkpoints inside an epoch (0: at the end of each epoch only)
-    retrain_epochs: int = 15  # retraining of the derived and a random architecture (0: skip)
-    retrain_C: int = 16
+    retrain_epochs: int = 10  # retraining of the derived and a random architecture (0: skip)
+    retrain_C: int = 12
     retrain_layers: int = 5
     retrain_lr: float = 0.05
     retrain_batch_size: int = 64
@@ -383,7 +383,7 @@ def train_from_scratch(genotype: Any, config: SearchConfig, split: data.Split, s
         for x, y in data.epoch_batches(train, c.retrain_batch_size, seed, epoch):
             opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x), y)
-            loss_value = float(loss)
+            loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise DivergenceError(f"retraining {desc}: loss became {loss_value} in epoch {epoch + 1}; "
                                       "try a smaller retrain_lr")
