@@ -1,0 +1,179 @@
+"""Search loops on tiny real runs: every method, resume bit-identity, divergence, checkpoints, run folders."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+import supernet
+from supernet import data, runs
+from supernet.trainer import METHODS, DivergenceError, SearchConfig, Searcher
+
+TINY = dict(C=4, layers=3, epochs=2, batch_size=16, steps_per_epoch=2, max_train=128, spos_candidates=3,
+            retrain_epochs=0)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is fastest and immune to other processes' load
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def split():
+    return data.load_split("digits", seed=0, max_train=TINY["max_train"])
+
+
+class Interrupt(Exception):
+    pass
+
+
+def stop_at(global_step):
+    def callback(searcher):
+        if searcher.epoch * searcher.steps + searcher.step == global_step:
+            raise Interrupt
+    return callback
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_searches(method, split):
+    options = dict(TINY, arch_warmup_epochs=1) if method == "pc-darts" else TINY
+    searcher = Searcher(SearchConfig(method=method, **options), split)
+    weights_before = [w.detach().clone() for w in searcher.net.weight_parameters()]
+    arch_before = [a.detach().clone() for a in searcher.net.arch_parameters()]
+    genotype = searcher.run()
+
+    space = searcher.net.space
+    assert space.validate(genotype) == genotype
+    assert searcher.epoch == 2 and searcher.search_done
+    # Every method trains the stem and the classifier (single-path methods leave unsampled ops alone).
+    changed = [not torch.equal(w, b) for w, b in zip(searcher.net.weight_parameters(), weights_before, strict=True)]
+    names = [n for n, p in searcher.net.named_parameters() if not n.startswith(("alphas", "betas"))]
+    assert all(c for n, c in zip(names, changed, strict=True) if n.startswith(("stem", "classifier")))
+    moved = [not torch.equal(a, b) for a, b in zip(searcher.net.arch_parameters(), arch_before, strict=True)]
+    assert all(moved) if METHODS[method].arch_order else not any(moved)
+    records = searcher.history["epochs"]
+    assert len(records) == 2 and len(searcher.history["alphas"]) == 3
+    assert all(math.isfinite(r["train_loss"]) and 0 <= r["val_accuracy"] <= 1 for r in records)
+    if method == "gdas":
+        assert [r["tau"] for r in records] == [10.0, pytest.approx(0.1)]
+    if method == "pc-darts":  # one warm-up epoch: alphas still where they started after it
+        assert searcher.history["alphas"][1] == searcher.history["alphas"][0] != searcher.history["alphas"][2]
+        assert len(searcher.net.arch_parameters()) == 4  # alphas and edge-normalisation betas
+
+
+@pytest.mark.parametrize("method, interrupt_after", [("darts", 3), ("darts-2nd", 4), ("gdas", 5), ("pc-darts", 3),
+                                                     ("spos", 4)])
+def test_resume_is_bit_identical(method, interrupt_after, split, tmp_path):
+    # Checkpoints every 2 steps and at epoch ends; the interruption falls after a checkpoint at
+    # steps 3 and 5, and one step past one at step 4, so resuming must replay that lost step exactly.
+    config = SearchConfig(method=method, **dict(TINY, steps_per_epoch=3, checkpoint_every=2))
+    whole = Searcher(config, split, tmp_path / "whole.pt")
+    whole.run()
+
+    interrupted = Searcher(config, split, tmp_path / "cut.pt", callback=stop_at(interrupt_after))
+    with pytest.raises(Interrupt):
+        interrupted.run()
+    resumed = Searcher(config, split, tmp_path / "cut.pt")
+    resumed.load_state(runs.load_checkpoint(tmp_path / "cut.pt", config.to_dict()))
+    assert resumed.epoch * resumed.steps + resumed.step <= interrupt_after
+    resumed.run()
+
+    for a, b in zip(resumed.net.arch_parameters(), whole.net.arch_parameters(), strict=True):
+        assert torch.equal(a, b)
+    for (name, a), b in zip(resumed.net.state_dict().items(), whole.net.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert resumed.genotype == whole.genotype
+    assert resumed.history["epochs"] == whole.history["epochs"]
+
+
+def test_divergence_names_the_step_and_keeps_the_last_checkpoint(split, tmp_path):
+    def poison(searcher):
+        if searcher.epoch == 1 and searcher.step == 1:
+            with torch.no_grad():
+                searcher.net.classifier.weight.fill_(float("nan"))
+
+    path = tmp_path / "checkpoint.pt"
+    searcher = Searcher(SearchConfig(**dict(TINY, steps_per_epoch=3, checkpoint_every=2)), split, path, callback=poison)
+    with pytest.raises(DivergenceError) as err:
+        searcher.run()
+    message = str(err.value)
+    assert "epoch 2, step 2" in message and str(path) in message
+    state = runs.load_checkpoint(path)
+    assert (state["epoch"], state["step"]) == (1, 0)
+    assert all(torch.isfinite(t).all() for t in state["net"].values() if t.is_floating_point())
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "whole"
+    options = dict(TINY, retrain_epochs=1, retrain_C=4, retrain_layers=2)
+    return supernet.search(run_dir=run_dir, **options), options
+
+
+def test_search_writes_a_complete_run_folder(finished):
+    result, options = finished
+    assert isinstance(result, supernet.SearchResult)
+    results = json.loads((result.run_dir / "results.json").read_text())
+    assert results["genotype"] == str(result.genotype) and results["seed"] == 0
+    assert results["config"] == SearchConfig(**options).to_dict()
+    assert {"torch", "numpy", "python", "supernet"} <= set(results["versions"])
+    for part in ("derived", "random"):
+        assert 0.0 <= results[part]["test_accuracy"] <= 1.0 and results[part]["seconds"] > 0
+    assert result.test_accuracy == results["derived"]["test_accuracy"]
+    history = json.loads((result.run_dir / "alpha_history.json").read_text())
+    assert len(history["softmax_alphas"]) == options["epochs"] + 1
+    row = history["softmax_alphas"][-1]["normal"][0]
+    assert len(row) == len(history["ops"]) and sum(row) == pytest.approx(1.0)
+    for name in ("alphas.png", "cell_normal.png", "cell_reduce.png"):
+        assert (result.run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "searched genotype" in (result.run_dir / "log.txt").read_text()
+
+
+def test_load_run_rebuilds_the_trained_supernet(finished):
+    result, _ = finished
+    run = runs.load_run(result.run_dir)
+    assert run.genotype == result.genotype and run.network.derive() == result.genotype
+    final = result.history["alphas"][-1]
+    for ct in run.network.space.cell_types:
+        assert torch.softmax(run.network.alphas(ct), -1).tolist() == final[ct]
+    assert torch.equal(run.split.test[1], data.load_split("digits", 0, max_train=TINY["max_train"]).test[1])
+    assert not run.network.training
+
+
+def test_interrupted_search_resumes_to_the_same_results(finished, tmp_path):
+    result, options = finished
+    with pytest.raises(Interrupt):
+        supernet.search(run_dir=tmp_path, callback=stop_at(4), checkpoint_every=1, **options)
+    with pytest.raises(ValueError, match="different config: checkpoint_every=1 in the checkpoint, 0 here"):
+        supernet.search(resume=tmp_path, checkpoint_every=0)
+    resumed = supernet.search(resume=tmp_path)
+    assert resumed.genotype == result.genotype
+    assert resumed.results["derived"]["test_accuracy"] == result.results["derived"]["test_accuracy"]
+    assert resumed.history["alphas"] == result.history["alphas"]
+
+
+def test_corrupt_or_foreign_checkpoints_are_refused(finished, tmp_path):
+    result, _ = finished
+    run_dir = tmp_path / "copy"
+    shutil.copytree(result.run_dir, run_dir)
+    checkpoint = run_dir / "checkpoint.pt"
+    with pytest.raises(ValueError, match="different config: epochs=2 in the checkpoint, 5 here"):
+        supernet.search(resume=run_dir, epochs=5)
+    raw = bytearray(checkpoint.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    checkpoint.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="is corrupt: its contents do not match the stored checksum"):
+        supernet.search(resume=run_dir)
+    checkpoint.write_bytes(bytes(raw[:1000]))
+    with pytest.raises(ValueError, match="is corrupt"):
+        runs.load_checkpoint(checkpoint)
+    checkpoint.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="does not start with the supernet checkpoint marker"):
+        runs.load_run(run_dir)
+    with pytest.raises(ValueError, match="is not a run folder"):
+        supernet.search(resume=tmp_path / "missing")
