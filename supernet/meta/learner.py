@@ -89,13 +89,14 @@ def maml_meta_gradient(model: nn.Module, params: Params, frozen: Params, buffers
     else:
         def task_loss(p, b, sx, sy, qx, qy):
             adapted = inner_loop(model, p, frozen, b, sx, sy, lrs, steps)
-            return functional_loss(model, adapted, frozen, b, qx, qy)
+            loss, acc = functional_loss(model, adapted, frozen, b, qx, qy)
+            return loss, (loss, acc)
 
-        def mean_loss(p, b):
-            losses, accs = vmap(task_loss, in_dims=(None, 0, 0, 0, 0, 0))(p, b, *data)
-            return losses.mean(), (losses, accs)
-
-        meta_grads, (losses, accs) = grad(mean_loss, has_aux=True)(params, bufs)
+        # vmap(grad(...)), not grad(vmap(...)): in torch 2.x the latter gets the second-order terms of
+        # affine batch norm wrong (off by about 1% here), while per-task gradients match autograd exactly.
+        task_grads, (losses, accs) = vmap(grad(task_loss, has_aux=True), in_dims=(None, 0, 0, 0, 0, 0))(
+            params, bufs, *data)
+        meta_grads = {k: g.mean(dim=0) for k, g in task_grads.items()}
     return meta_grads, {"query_loss": losses.detach().mean().item(), "query_accuracy": accs.mean().item()}
 
 
