@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -84,8 +85,8 @@ class SearchConfig:
     tau_min: float = 0.1
     spos_candidates: int = 20  # spos: random subnets ranked on the validation split to pick the result
     checkpoint_every: int = 0  # steps between checkpoints inside an epoch (0: at the end of each epoch only)
-    retrain_epochs: int = 10  # retraining of the derived and a random architecture (0: skip)
-    retrain_C: int = 12
+    retrain_epochs: int = 6  # retraining of the derived and a random architecture (0: skip)
+    retrain_C: int = 8
     retrain_layers: int = 5
     retrain_lr: float = 0.05
     retrain_batch_size: int = 64
@@ -454,6 +455,8 @@ def search(*, resume: "str | Path | None" = None, data: data.Pair | None = None,
     split = data_module.load_split(config.dataset, config.seed, config.data_dir, data, config.val_fraction,
                                    config.test_fraction, config.max_train)
     run_dir = Path(run_dir) if run_dir is not None else runs.new_run_dir(out, f"search-{config.method}")
+    if not quiet:
+        print(f"run folder: {run_dir}", file=sys.stderr)
     log = runs.RunLog(run_dir / runs.LOG)
     runs.atomic_write_json(config.to_dict(), run_dir / runs.CONFIG)
     searcher = Searcher(config, split, run_dir / runs.CHECKPOINT, quiet=quiet, log=log, callback=callback)

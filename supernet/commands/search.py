@@ -12,7 +12,6 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from .. import runs
 from ..spaces import list_spaces
 from ..trainer import METHODS, DivergenceError, SearchConfig, search
 
@@ -118,17 +117,15 @@ def run(args: argparse.Namespace) -> int:
             options["dataset"] = "tensors"
         elif options["dataset"] == "tensors":
             raise ValueError("--dataset tensors needs --data-file")
-        SearchConfig.from_dict(options)  # fail before creating the run folder
-        run_dir = args.run_dir if args.run_dir is not None else runs.new_run_dir(args.out, f"search-{args.method}")
-    if not args.quiet:
-        print(f"run folder: {run_dir}", file=sys.stderr)
+        run_dir = args.run_dir
     try:
-        result = search(resume=args.resume, data=data, run_dir=run_dir, quiet=args.quiet, **options)
+        result = search(resume=args.resume, data=data, run_dir=run_dir, out=args.out, quiet=args.quiet, **options)
     except DivergenceError as err:
         print(f"supernet search: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"\nsupernet search: interrupted; continue with: supernet search --resume {run_dir}", file=sys.stderr)
+        where = run_dir if run_dir is not None else "RUN_DIR (the run folder printed above)"
+        print(f"\nsupernet search: interrupted; continue with: supernet search --resume {where}", file=sys.stderr)
         return 130
     if not args.quiet:
         r = result.results

@@ -1,0 +1,140 @@
+"""`supernet search` on the command line: options, errors, a tiny real run, and a killed run resumed."""
+
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from supernet import cli, runs
+from supernet.trainer import METHODS, SearchConfig
+
+TINY = ["--C", "4", "--layers", "3", "--epochs", "2", "--batch-size", "16", "--steps-per-epoch", "3",
+        "--max-train", "128", "--retrain-epochs", "1", "--retrain-C", "4", "--retrain-layers", "2",
+        "--checkpoint-every", "1", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_help_documents_every_option_and_method(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["search", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(SearchConfig):
+        if f.name != "data_fingerprint":
+            assert "--" + f.name.replace("_", "-") in text
+    for method in METHODS:
+        assert method in text
+    for option in ("--resume", "--quiet", "--out", "--data-file"):
+        assert option in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "nope"], "invalid choice: 'nope'"),
+    (["--epochs", "abc"], "invalid int value: 'abc'"),
+])
+def test_malformed_options_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["search", *argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "0"], "epochs must be a positive integer, got 0"),
+    (["--dataset", "cifar10"], "needs data_dir"),
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "CIFAR-10 not found at '/nonexistent/cifar'"),
+    (["--dataset", "tensors"], "--dataset tensors needs --data-file"),
+    (["--data-file", "/nonexistent/x.pt"], "--data-file '/nonexistent/x.pt' does not exist"),
+    (["--resume", "/nonexistent/run"], "'/nonexistent/run' is not a run folder"),
+    (["--threads", "0"], "--threads must be a positive integer"),
+    (["--tau-min", "20", "--method", "gdas"], "tau_min=20.0 must not exceed tau_max=10.0"),
+])
+def test_bad_values_are_one_line_errors(argv, message, capsys, tmp_path):
+    assert cli.main(["search", "--out", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("supernet search: error:") and message in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir()), "no run folder is created for a refused command"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_with_output(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("cli") / "whole"
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        assert cli.main(["search", *TINY, "--run-dir", str(run_dir), "--quiet"]) == 0
+    return run_dir, out.getvalue() + err.getvalue()
+
+
+@pytest.fixture
+def uninterrupted(uninterrupted_with_output):
+    return uninterrupted_with_output[0]
+
+
+def test_quiet_run_prints_nothing_and_writes_results(uninterrupted_with_output):
+    uninterrupted, printed = uninterrupted_with_output
+    assert printed == ""
+    results = json.loads((uninterrupted / "results.json").read_text())
+    assert results["config"]["epochs"] == 2 and results["method"] == "darts"
+    assert 0 <= results["derived"]["test_accuracy"] <= 1
+
+
+def test_tensors_from_a_file_and_progress_output(tmp_path, capsys):
+    x, y = torch.rand(96, 1, 6, 6), torch.arange(96) % 3
+    torch.save({"images": x, "labels": y}, tmp_path / "data.pt")
+    argv = ["search", *TINY, "--data-file", str(tmp_path / "data.pt"), "--out", str(tmp_path / "runs"),
+            "--epochs", "1", "--retrain-epochs", "0"]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "genotype: Genotype(" in captured.out
+    assert "search (darts)" in captured.err and "run folder:" in captured.err
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["dataset"] == "tensors" and config["data_fingerprint"]
+    loaded = runs.load_run(run_dir, data=(x, y))
+    assert loaded.split.num_classes == 3
+    with pytest.raises(ValueError, match="not the ones"):
+        runs.load_run(run_dir, data=(x + 1, y))
+
+
+def test_killed_run_resumes_to_identical_alphas(uninterrupted, tmp_path, capsys):
+    run_dir = tmp_path / "killed"
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    proc = subprocess.Popen([sys.executable, "-m", "supernet.cli", "search", *TINY, "--run-dir", str(run_dir),
+                             "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoint = run_dir / "checkpoint.pt"
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if checkpoint.exists() and runs.load_checkpoint(checkpoint)["step"] >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    state = runs.load_checkpoint(checkpoint)
+    assert not state["search_done"] and not (run_dir / "results.json").exists()
+
+    assert cli.main(["search", "--resume", str(run_dir), "--epochs", "3", "--quiet"]) == 2
+    assert "different config: epochs=2 in the checkpoint, 3 here" in capsys.readouterr().err
+    assert cli.main(["search", "--resume", str(run_dir), "--quiet", "--threads", "1"]) == 0
+
+    a, b = runs.load_checkpoint(checkpoint), runs.load_checkpoint(uninterrupted / "checkpoint.pt")
+    for name, tensor in a["net"].items():
+        assert torch.equal(tensor, b["net"][name]), name
+    ra = json.loads((run_dir / "results.json").read_text())
+    rb = json.loads((uninterrupted / "results.json").read_text())
+    assert ra["genotype"] == rb["genotype"] and ra["derived"] == {**rb["derived"], "seconds": ra["derived"]["seconds"]}
