@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from supernet.runs import atomic_write_json
 
 from .base import Strategy, make_strategy, restore, search
@@ -44,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run split that scores subnetworks")
     parser.add_argument("--bn-batches", type=int, default=4, help="training batches that re-estimate batch norm")
     parser.add_argument("--measure-latency", action="store_true", help="time each subnetwork's forward (ms)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 is often fastest for small subnets "
+                             "on busy cores)")
 
 
 def build_evaluator(args: argparse.Namespace):
@@ -69,6 +74,10 @@ def build_evaluator(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be a positive integer, got {args.threads}")
+        torch.set_num_threads(args.threads)
     evaluator, space, checkpoint_every = build_evaluator(args)
     out = Path(args.out)
     results: dict[str, Strategy] = {}
