@@ -454,6 +454,8 @@ def search(*, resume: "str | Path | None" = None, data: data.Pair | None = None,
     config = _resolve_config(options, resume, data)
     split = data_module.load_split(config.dataset, config.seed, config.data_dir, data, config.val_fraction,
                                    config.test_fraction, config.max_train)
+    if run_dir is not None and resume is None and (Path(run_dir) / runs.CHECKPOINT).exists():
+        raise ValueError(f"run folder {str(run_dir)!r} already holds a run; resume it or choose another folder")
     run_dir = Path(run_dir) if run_dir is not None else runs.new_run_dir(out, f"search-{config.method}")
     if not quiet:
         print(f"run folder: {run_dir}", file=sys.stderr)

@@ -138,3 +138,10 @@ def test_killed_run_resumes_to_identical_alphas(uninterrupted, tmp_path, capsys)
     ra = json.loads((run_dir / "results.json").read_text())
     rb = json.loads((uninterrupted / "results.json").read_text())
     assert ra["genotype"] == rb["genotype"] and ra["derived"] == {**rb["derived"], "seconds": ra["derived"]["seconds"]}
+
+
+def test_an_existing_run_folder_is_not_overwritten(uninterrupted, capsys):
+    before = (uninterrupted / "checkpoint.pt").read_bytes()
+    assert cli.main(["search", *TINY, "--run-dir", str(uninterrupted), "--quiet"]) == 2
+    assert "already holds a run; resume it" in capsys.readouterr().err
+    assert (uninterrupted / "checkpoint.pt").read_bytes() == before
