@@ -66,11 +66,11 @@ def test_every_method_searches(method, split):
         assert len(searcher.net.arch_parameters()) == 4  # alphas and edge-normalisation betas
 
 
-@pytest.mark.parametrize("method, interrupt_after", [("darts", 3), ("darts-2nd", 4), ("gdas", 5), ("pc-darts", 3),
-                                                     ("spos", 4)])
+@pytest.mark.parametrize("method, interrupt_after", [("darts", 3), ("gdas", 5), ("pc-darts", 4), ("spos", 4)])
 def test_resume_is_bit_identical(method, interrupt_after, split, tmp_path):
-    # Checkpoints every 2 steps and at epoch ends; the interruption falls after a checkpoint at
+    # Checkpoints every 2 steps and at epoch ends; the interruption falls right after a checkpoint at
     # steps 3 and 5, and one step past one at step 4, so resuming must replay that lost step exactly.
+    # (darts-2nd shares darts's path; its own extra state is none, and its steps are the slowest.)
     config = SearchConfig(method=method, **dict(TINY, steps_per_epoch=3, checkpoint_every=2))
     whole = Searcher(config, split, tmp_path / "whole.pt")
     whole.run()
