@@ -199,9 +199,11 @@ def load_run(run_dir: "str | Path", data: "tuple | None" = None) -> LoadedRun:
     """Rebuilds a search run's SearchNetwork, config and data split from `run_dir`'s checkpoint.
 
     Pass `data=(images, labels)` again for a run searched on your own tensors (its fingerprint is checked).
-    Typical use: evaluate subnetworks with inherited weights,
+    Typical use, evaluating a subnetwork with inherited weights (SPOS-style BN re-estimation):
         run = load_run("runs/search-spos-...")
-        acc = accuracy(run.network.subnet(genotype), run.split.val)   # after BN recalibration for SPOS
+        with preserved_batchnorm(run.network):
+            sub = recalibrate_batchnorm(run.network.subnet(genotype), batches_of(run.split.train), 4)
+            acc = supernet.trainer.accuracy(sub, run.split.val)
     """
     from . import data as data_module
     from .trainer import SearchConfig, build_network
