@@ -1,73 +1,130 @@
-"""Q-learning over the construction of an architecture (MetaQNN-style), epsilon-greedy, with replay.
+"""Q-learning over edits of an architecture, epsilon-greedy, with experience replay.
 
-An episode builds one architecture decision by decision (`encoding.DecisionSpace`): each action adds
-the next edge's input or op. The state after step t is (t, the last choice): the position says which
-edge of which node is being built, the choice its op type or connection, as MetaQNN's state names the
-layer just added. Only the finished architecture is rewarded (intermediate rewards are 0), and
-    Q(s, a) <- Q(s, a) + alpha * (r + gamma * max_a' Q(s', a') - Q(s, a)),
-with max_a' Q = 0 at the terminal state. After each told reward, `replay` stored episodes (the newest
-always among them) are replayed, each from its last transition back to its first. As in MetaQNN, an
-episode that rebuilds an architecture already evaluated learns from its stored reward instead of
-spending budget, and the agent builds again (up to `MAX_REBUILDS` times).
+State: the architecture edited so far, as its per-cell-type edge encoding (`space.to_paths`): for each
+edge of each cell, the op it runs or None when the cell does not use that edge. It names every layer
+(edge), its op type and its connection (the edge's input node).
+
+Actions (`Edit`) change one part of the state:
+- change the op of one edge. In spaces where every edge is present (NAS-Bench-201), setting an edge
+  to `none` removes it and setting a `none` edge to another op adds it back;
+- in spaces where a node picks `inputs_per_node` inputs (DARTS), move one of a node's input edges to
+  another input: the edge is removed and one from the new input, with the same op, is added. Picked
+  edges never carry `none`, as DARTS derivation and random sampling do.
+
+An episode starts from the best architecture found so far (the first one from a random architecture)
+and applies up to `episode_length` edits. Each edit leads to an architecture that is evaluated (one
+unit of budget) unless its reward is already known, in which case the stored reward is reused and the
+agent edits on without spending budget. The reward of an edit is the change in the evaluated reward
+it causes, so an untried edit (Q = `q_init` = 0) ranks above edits known to make things worse, and
+    Q(s, a) <- Q(s, a) + alpha * (r + gamma * max_a' Q(s', a') - Q(s, a)).
+Episodes are cut off rather than ended, so every update bootstraps from s'. Each distinct transition
+is stored once (edits are deterministic); after each told reward the newest transition and
+`replay - 1` stored ones drawn at random are replayed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
+
+from supernet.spaces.base import Path
 
 from .base import STRATEGIES, Strategy
-from .encoding import DecisionSpace
 
-State = Hashable
-MAX_REBUILDS = 100
+State = tuple[Path, ...]  # one path per cell type, in `space.cell_types` order
+MAX_FREE_STEPS = 200  # edits through already-evaluated architectures per ask before jumping at random
+
+
+class Edit(NamedTuple):
+    """Puts op index `op` on edge `to_edge` of a cell type in place of edge `edge` (the same edge: an op change)."""
+
+    cell_type: str
+    edge: int
+    to_edge: int
+    op: int
 
 
 @dataclass(frozen=True)
 class Transition:
     state: State
-    action: int
-    next_state: State | None  # None: the architecture is complete
-    next_actions: tuple[int, ...]  # actions allowed in next_state
+    action: Edit
+    reward: float  # reward of next_state minus reward of state
+    next_state: State
 
 
 @STRATEGIES.register("qlearning")
 class QLearning(Strategy):
-    """Tabular Q-learning; epsilon decays linearly from `epsilon_start` to `epsilon_end` over the first
-    `explore_fraction` of the budget."""
+    """Tabular Q-learning over architecture edits; epsilon decays linearly from `epsilon_start` to
+    `epsilon_end` over the first `explore_fraction` of the budget."""
 
     name = "qlearning"
 
-    def __init__(self, space, budget: int, seed: int = 0, alpha: float = 0.5, gamma: float = 1.0,
-                 epsilon_start: float = 1.0, epsilon_end: float = 0.1, explore_fraction: float = 0.5,
-                 replay: int = 20, q_init: float = 0.0) -> None:
+    def __init__(self, space, budget: int, seed: int = 0, alpha: float = 0.5, gamma: float = 0.9,
+                 epsilon_start: float = 0.5, epsilon_end: float = 0.1, explore_fraction: float = 0.5,
+                 replay: int = 20, q_init: float = 0.0, episode_length: int = 5) -> None:
         super().__init__(space, budget, seed)
         for key, value in (("alpha", alpha), ("gamma", gamma), ("epsilon_start", epsilon_start),
                            ("epsilon_end", epsilon_end), ("explore_fraction", explore_fraction)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{key} must be in [0, 1], got {value!r}")
-        if isinstance(replay, bool) or not isinstance(replay, int) or replay < 1:
-            raise ValueError(f"replay must be a positive number of episodes, got {replay!r}")
+        for key, value in (("replay", replay), ("episode_length", episode_length)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
         self.alpha, self.gamma = float(alpha), float(gamma)
         self.epsilon_start, self.epsilon_end, self.explore_fraction = epsilon_start, epsilon_end, explore_fraction
-        self.replay_size, self.q_init = replay, float(q_init)
-        self.decisions = DecisionSpace(self.space)
-        self.q: dict[tuple[State, int], float] = {}
-        self.memory: list[tuple[tuple[Transition, ...], float]] = []  # (episode, reward)
-        self._episode: tuple[Transition, ...] | None = None
+        self.replay_size, self.q_init, self.episode_length = replay, float(q_init), episode_length
+        # Picked edges (DARTS) never carry `none`; where every edge is present, `none` removes one.
+        picks_inputs = getattr(self.space, "inputs_per_node", None) is not None
+        self.edge_ops = tuple(k for k, op in enumerate(self.space.ops) if not (picks_inputs and op == "none"))
+        self.q: dict[tuple[Hashable, Hashable], float] = {}
+        self.memory: list[Transition] = []
+        self._stored: set[tuple[State, Edit]] = set()
+        self._rewards: dict[State, float] = {}  # every evaluated architecture's reward
+        self._best: State | None = None
+        self._actions: dict[State, tuple[Edit, ...]] = {}
+        self._state: State | None = None  # where the episode stands
+        self._steps = 0  # edits made in this episode
+        self._step: tuple[State, Edit] | None = None  # the edit whose result awaits its reward
 
     def config(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "gamma": self.gamma, "epsilon_start": self.epsilon_start,
                 "epsilon_end": self.epsilon_end, "explore_fraction": self.explore_fraction,
-                "replay": self.replay_size, "q_init": self.q_init}
+                "replay": self.replay_size, "q_init": self.q_init, "episode_length": self.episode_length}
 
-    @staticmethod
-    def state_of(choices: Sequence[int]) -> State:
-        """The state after `choices`: the next position and the last choice."""
-        return (len(choices), choices[-1] if choices else None)
+    # --- states and actions ---------------------------------------------------------------------
+    def state_of(self, genotype: Any) -> State:
+        """The state describing `genotype`: its per-cell-type edge encoding."""
+        paths = self.space.to_paths(genotype)
+        return tuple(paths[ct] for ct in self.space.cell_types)
 
-    def value(self, state: State, action: int) -> float:
+    def genotype_of(self, state: State) -> Any:
+        return self.space.from_paths(dict(zip(self.space.cell_types, state)))
+
+    def actions(self, state: State) -> tuple[Edit, ...]:
+        """Every edit allowed in `state`: another op on a present edge, or a node's edge moved to a free input."""
+        if state not in self._actions:
+            edits = []
+            for ct, path in zip(self.space.cell_types, state):
+                for e, k in enumerate(path):
+                    if k is None:
+                        continue
+                    edits += [Edit(ct, e, e, op) for op in self.edge_ops if op != k]
+                    node = self.space.edges[e][0]
+                    edits += [Edit(ct, e, f, k) for f in self.space.node_edges(node) if path[f] is None]
+            self._actions[state] = tuple(edits)
+        return self._actions[state]
+
+    def apply(self, state: State, edit: Edit) -> State:
+        """The state after `edit`."""
+        i = self.space.cell_types.index(edit.cell_type)
+        path = list(state[i])
+        path[edit.edge] = None
+        path[edit.to_edge] = edit.op
+        return state[:i] + (tuple(path),) + state[i + 1:]
+
+    # --- learning -------------------------------------------------------------------------------
+    def value(self, state: Hashable, action: Hashable) -> float:
         return self.q.get((state, action), self.q_init)
 
     def epsilon(self) -> float:
@@ -75,55 +132,65 @@ class QLearning(Strategy):
         progress = min(1.0, len(self.history) / horizon)
         return self.epsilon_start + (self.epsilon_end - self.epsilon_start) * progress
 
-    def update(self, state: State, action: int, reward: float, next_state: State | None,
-               next_actions: Sequence[int]) -> float:
-        """One Q-learning step on (s, a, r, s'); returns the new Q(s, a)."""
+    def update(self, state: Hashable, action: Hashable, reward: float, next_state: Hashable | None,
+               next_actions: Sequence[Hashable]) -> float:
+        """One Q-learning step on (s, a, r, s'); returns the new Q(s, a). `next_state` None: terminal."""
         future = 0.0 if next_state is None else max(self.value(next_state, a) for a in next_actions)
         old = self.value(state, action)
         new = old + self.alpha * (reward + self.gamma * future - old)
         self.q[(state, action)] = new
         return new
 
-    def _propose(self) -> Any:
-        rewards = {t.arch: t.reward for t in self.history}
-        for attempt in range(MAX_REBUILDS):
-            genotype = self._build()
-            arch = self.space.format(genotype)
-            if arch not in rewards or attempt == MAX_REBUILDS - 1:  # new, or the space looks exhausted
-                return genotype
-            self._learn(rewards[arch])
+    def _learn(self, transition: Transition) -> None:
+        """Stores a transition (once) and updates its Q-value."""
+        key = (transition.state, transition.action)
+        if key not in self._stored:
+            self._stored.add(key)
+            self.memory.append(transition)
+        self.update(transition.state, transition.action, transition.reward, transition.next_state,
+                    self.actions(transition.next_state))
 
-    def _build(self) -> Any:
-        """One epsilon-greedy episode; its transitions wait in `_episode` for the reward."""
-        epsilon = self.epsilon()
-        choices: list[int] = []
-        transitions: list[Transition] = []
-        for _ in range(len(self.decisions)):
-            state = self.state_of(choices)
-            valid = self.decisions.valid(choices)
-            if self.rng.random() < epsilon:
-                action = self.rng.choice(valid)
-            else:  # greedy, ties broken at random so untried actions are not ordered by index
-                best = max(self.value(state, a) for a in valid)
-                action = self.rng.choice([a for a in valid if self.value(state, a) == best])
-            choices.append(action)
-            transitions.append(Transition(state, action, None, ()))
-        # Link each transition to its successor now that the episode is complete.
-        linked = [Transition(tr.state, tr.action, self.state_of(choices[:t + 1]), self.decisions.valid(choices[:t + 1]))
-                  for t, tr in enumerate(transitions[:-1])]
-        self._episode = tuple(linked + [transitions[-1]])
-        return self.decisions.decode(choices)
+    # --- ask / tell -----------------------------------------------------------------------------
+    def _choose(self, state: State) -> Edit:
+        valid = self.actions(state)
+        if self.rng.random() < self.epsilon():
+            return self.rng.choice(valid)
+        # Greedy, ties broken at random so untried edits are not ordered by index.
+        values = [self.value(state, a) for a in valid]
+        best = max(values)
+        return self.rng.choice([a for a, v in zip(valid, values) if v == best])
+
+    def _propose(self) -> Any:
+        for _ in range(MAX_FREE_STEPS):
+            if self._state is None or self._steps >= self.episode_length:
+                self._steps = 0
+                if self._best is None:  # the first episode starts from a random architecture
+                    self._state = self.state_of(self.space.random_genotype(self.rng))
+                    return self.genotype_of(self._state)
+                self._state = self._best
+            state = self._state
+            action = self._choose(state)
+            self._state = self.apply(state, action)
+            self._steps += 1
+            if self._state not in self._rewards:
+                self._step = (state, action)
+                return self.genotype_of(self._state)
+            self._learn(Transition(state, action, self._rewards[self._state] - self._rewards[state], self._state))
+        # Every edit within reach was evaluated already: the space looks exhausted, jump at random.
+        self._state = None
+        return self.space.random_genotype(self.rng)
 
     def _observe(self, genotype: Any, reward: float) -> None:
-        self._learn(reward)
-
-    def _learn(self, reward: float) -> None:
-        """Stores the pending episode with its reward and replays stored episodes."""
-        self.memory.append((self._episode, reward))
-        self._episode = None
-        replayed = [self.memory[-1]] + [self.rng.choice(self.memory) for _ in range(self.replay_size - 1)]
-        for episode, episode_reward in replayed:
-            for t in reversed(range(len(episode))):
-                tr = episode[t]
-                r = episode_reward if tr.next_state is None else 0.0
-                self.update(tr.state, tr.action, r, tr.next_state, tr.next_actions)
+        state = self.state_of(genotype)
+        self._rewards.setdefault(state, reward)
+        if self._best is None or reward > self._rewards[self._best]:
+            self._best = state
+        if self._step is None:
+            return
+        previous, action = self._step
+        self._step = None
+        self._learn(Transition(previous, action, reward - self._rewards[previous], state))
+        replayed = [self.rng.choice(self.memory) for _ in range(self.replay_size - 1)]
+        for transition in replayed:
+            self.update(transition.state, transition.action, transition.reward, transition.next_state,
+                        self.actions(transition.next_state))
