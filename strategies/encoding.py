@@ -1,4 +1,4 @@
-"""A cell space as a sequence of categorical decisions, for the learned strategies (REINFORCE, Q-learning).
+"""A cell space as a sequence of categorical decisions, for the REINFORCE controller.
 
 Built only from the space API (`cell_types`, `edges`, `ops`, `to_paths`, `from_paths`). Per cell type and
 intermediate node, in order:
