@@ -131,6 +131,17 @@ def build_learner(config: MetaConfig, name: str, in_channels: int) -> MetaLearne
                        config.meta_lr_alphas, learn_alphas=name != "fixed")
 
 
+def check_episodes(config: MetaConfig, splits: dict[str, FewShotDataset]) -> None:
+    """ValueError unless every split can give the config's episodes (N classes, K + query examples each)."""
+    _, height, width = splits["train"].image_shape
+    if config.space == "nb201" and (height % 4 or width % 4):
+        # its two residual reductions halve the sides by pooling, which needs even sides twice
+        raise ValueError(f"nb201 networks need image sides divisible by 4, got {height}x{width}; "
+                         f"choose image_size accordingly")
+    for name, split in splits.items():
+        EpisodeSampler(split, config.n_way, config.k_shot, config.query if name == "train" else config.test_query)
+
+
 def fixed_episodes(dataset: FewShotDataset, config: MetaConfig, count: int, seed: int,
                    chunk: int = 100) -> Iterator[Episode]:
     """The same `count` evaluation episodes every time (a fresh sampler per call), in stacks of `chunk`."""
@@ -177,8 +188,7 @@ class MetaRun:
     def __init__(self, config: MetaConfig, splits: dict[str, FewShotDataset], checkpoint_path: Path | None = None,
                  log: Callable[[str], None] | None = None, quiet: bool = True,
                  callback: Callable[["MetaRun"], None] | None = None) -> None:
-        for name, split in splits.items():  # episode shapes are checked before any training
-            EpisodeSampler(split, config.n_way, config.k_shot, config.query if name == "train" else config.test_query)
+        check_episodes(config, splits)
         self.config, self.splits = config, splits
         self.checkpoint_path, self.log, self.quiet, self.callback = checkpoint_path, log or (lambda m: None), quiet, \
             callback
@@ -277,6 +287,7 @@ def meta_learn(*, resume: "str | Path | None" = None, out: "str | Path" = "runs"
         run_dir = resume
     config = _resolve_config(options, resume)
     splits = load_fewshot(config)
+    check_episodes(config, splits)  # before a run folder exists
     run_dir = Path(run_dir) if run_dir is not None else runs.new_run_dir(out, f"meta-{config.method}")
     log = runs.RunLog(run_dir / runs.LOG)
     runs.atomic_write_json(config.to_dict(), run_dir / runs.CONFIG)
