@@ -11,11 +11,12 @@ Actions (`Edit`) change one part of the state:
   another input: the edge is removed and one from the new input, with the same op, is added. Picked
   edges never carry `none`, as DARTS derivation and random sampling do.
 
-An episode starts from the best architecture found so far (the first one from a random architecture)
-and applies up to `episode_length` edits. Each edit leads to an architecture that is evaluated (one
-unit of budget) unless its reward is already known, in which case the stored reward is reused and the
-agent edits on without spending budget. The reward of an edit is the change in the evaluated reward
-it causes, so an untried edit (Q = `q_init` = 0) ranks above edits known to make things worse, and
+An episode starts from the best architecture found so far (the first one, and any after every edit
+within reach proved already evaluated, from a random architecture) and applies up to `episode_length`
+edits. Each edit leads to an architecture that is evaluated (one unit of budget) unless its reward is
+already known, in which case the stored reward is reused and the agent edits on without spending
+budget. The reward of an edit is the change in the evaluated reward it causes, so an untried edit
+(Q = `q_init` = 0) ranks above edits known to make things worse, and
     Q(s, a) <- Q(s, a) + alpha * (r + gamma * max_a' Q(s', a') - Q(s, a)).
 Episodes are cut off rather than ended, so every update bootstraps from s'. Each distinct transition
 is stored once (edits are deterministic); after each told reward the newest transition and
@@ -176,9 +177,13 @@ class QLearning(Strategy):
                 self._step = (state, action)
                 return self.genotype_of(self._state)
             self._learn(Transition(state, action, self._rewards[self._state] - self._rewards[state], self._state))
-        # Every edit within reach was evaluated already: the space looks exhausted, jump at random.
-        self._state = None
-        return self.space.random_genotype(self.rng)
+        # Every edit within reach was evaluated already: a new episode starts from a random architecture,
+        # one not yet evaluated if a few draws find one (else the space looks exhausted).
+        for _ in range(MAX_FREE_STEPS):
+            self._state, self._steps = self.state_of(self.space.random_genotype(self.rng)), 0
+            if self._state not in self._rewards:
+                break
+        return self.genotype_of(self._state)
 
     def _observe(self, genotype: Any, reward: float) -> None:
         state = self.state_of(genotype)

@@ -91,6 +91,8 @@ def test_qlearning_finds_a_known_darts_cell_by_editing_ops_and_input_edges(seed)
     space, target, reward = darts_target_benchmark()
     strategy = run("qlearning", space, 300, seed, reward)
     assert strategy.best().arch == space.format(target)
+    archs = [t.arch for t in strategy.history]
+    assert len(set(archs)) == len(archs)  # an edit back to an evaluated cell reuses its stored reward
 
 
 @settings(max_examples=20, deadline=None)
