@@ -92,7 +92,8 @@ class ResNetBasicBlock(nn.Module):
         super().__init__()
         self.conv_a = ReLUConvBN(C_in, C_out, 3, stride, 1, affine)
         self.conv_b = ReLUConvBN(C_out, C_out, 3, 1, 1, affine)
-        self.downsample = nn.Sequential(nn.AvgPool2d(2, 2), nn.Conv2d(C_in, C_out, 1, bias=False))
+        # ceil_mode: equal to NAS-Bench-201's pooling on even sizes, and matches conv_a's output on odd ones.
+        self.downsample = nn.Sequential(nn.AvgPool2d(2, 2, ceil_mode=True), nn.Conv2d(C_in, C_out, 1, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv_b(self.conv_a(x)) + self.downsample(x)
