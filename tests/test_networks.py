@@ -167,3 +167,12 @@ def test_evaluation_network_trains_on_a_derived_genotype():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("size", [7, 9])
+def test_networks_accept_odd_input_sizes(size):
+    x = torch.randn(2, 1, size, size)
+    assert SearchNetwork("nb201", 4, 1, 3, in_channels=1)(x).shape == (2, 3)
+    assert SearchNetwork("darts", 4, 3, 3, in_channels=1, mixing="partial", partial_k=2)(x).shape == (2, 3)
+    assert EvalNetwork("nb201", ALL_3X3, 4, 1, 3, in_channels=1)(x).shape == (2, 3)
+    assert EvalNetwork("darts", DARTS_GENOTYPES["DARTS_V2"], 4, 3, 3, in_channels=1)(x).shape == (2, 3)
