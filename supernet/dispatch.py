@@ -68,8 +68,9 @@ def _mixed_sum_backward_op(outputs: list[torch.Tensor], weights: torch.Tensor | 
         grad_outputs = weights.to(dtype).view(k, *([1] * g.dim())) * g
     if not (need_weight_grad and weights is not None):
         return grad_outputs, g.new_empty(0)
-    flat_g = g.reshape(-1).float()
-    grad_weights = torch.stack([torch.dot(o.reshape(-1).float(), flat_g) for o in outputs]).to(weights.dtype)
+    acc = torch.promote_types(dtype, torch.float32)  # half precision sums in fp32
+    flat_g = g.reshape(-1).to(acc)
+    grad_weights = torch.stack([torch.dot(o.reshape(-1).to(acc), flat_g) for o in outputs]).to(weights.dtype)
     return grad_outputs, grad_weights
 
 
