@@ -28,8 +28,10 @@ HELP = {
     "test_inner_steps": "adaptation steps at meta-validation and meta-test time",
     "inner_lr_weights": "inner-loop learning rate of the weights",
     "inner_lr_alphas": "inner-loop learning rate of the architecture parameters",
-    "meta_lr_weights": "outer learning rate of the weights (Adam; reptile: interpolation rate)",
-    "meta_lr_alphas": "outer learning rate of the alphas (Adam; reptile: interpolation rate)",
+    "meta_lr_weights": "outer learning rate of the weights (Adam; reptile: interpolation rate); "
+                       "none given: 3e-3, reptile 0.5",
+    "meta_lr_alphas": "outer learning rate of the alphas (Adam; reptile: interpolation rate); none given: "
+                      "as the weights'",
     "val_every": "meta-steps between meta-validations",
     "val_episodes": "episodes per meta-validation",
     "test_episodes": "meta-test episodes per learner",
@@ -46,17 +48,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default = getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
         if f.name == "rotations":
-            parser.add_argument("--no-rotations", dest="rotations", action="store_false", default=None,
+            parser.add_argument("--no-rotations", dest="rotations", action="store_false", default=argparse.SUPPRESS,
                                 help="no rotated copies as extra classes")
         elif f.name == "baselines":
-            parser.add_argument("--no-baselines", dest="baselines", action="store_false", default=None,
+            parser.add_argument("--no-baselines", dest="baselines", action="store_false", default=argparse.SUPPRESS,
                                 help="meta-train and test only the meta-learned architecture + weights")
         elif f.name == "split_fractions":
-            parser.add_argument(flag, type=float, nargs=3, default=None, metavar=("TRAIN", "VAL", "TEST"),
+            parser.add_argument(flag, type=float, nargs=3, default=argparse.SUPPRESS, metavar=("TRAIN", "VAL", "TEST"),
                                 help=f"{HELP[f.name]} (default: {' '.join(map(str, default))})")
         else:
-            kind = str if f.name in ("method", "dataset", "data_dir", "space") else type(default)
-            parser.add_argument(flag, type=kind, default=None, help=f"{HELP[f.name]} (default: {default})")
+            kind = str if f.name in ("method", "dataset", "data_dir", "space") else \
+                float if f.name.startswith("meta_lr") else type(default)
+            shown = "" if f.name.startswith("meta_lr") else f" (default: {default})"  # theirs depends on --method
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=HELP[f.name] + shown)
     parser.add_argument("--out", default="runs", help="folder for the run folder")
     parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -74,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--threads must be a positive integer, got {args.threads}")
     torch.set_num_threads(args.threads)
     names = [f.name for f in fields(MetaConfig) if f.init]
-    options = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    options = {n: getattr(args, n) for n in names if hasattr(args, n)}  # only what was given (resume checks it)
     if "split_fractions" in options:
         options["split_fractions"] = tuple(options["split_fractions"])
     result = meta_learn(resume=args.resume, out=args.out, quiet=args.quiet, **options)

@@ -17,7 +17,6 @@ task gets its own copy of the running buffers, which are then dropped, so nothin
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -309,11 +308,3 @@ class MetaLearner:
     def load_state_dict(self, state: dict) -> None:
         self.network.load_state_dict(state["network"])
         self.optimizer.load_state_dict(state["optimizer"])
-
-
-def query_loss_after_adaptation(learner: MetaLearner, episodes: Episode, steps: int | None = None) -> float:
-    """Mean post-adaptation query loss over stacked tasks."""
-    return learner.adapt_many(episodes, steps)[1]["query_loss"].mean().item()
-
-
-Callback = Callable[[str, int, dict], None]

@@ -37,8 +37,9 @@ def plot_meta_curves(histories: dict[str, dict], path: "str | Path", no_meta_val
                         marker="o", ms=3, label=LABELS.get(name, name))
     if no_meta_val is not None:
         val_ax.axhline(100 * no_meta_val, color="gray", ls="--", lw=1, label="no meta-training")
-    loss_ax.set(xlabel="meta-step", ylabel="query loss after adaptation (meta-train tasks, smoothed)")
-    val_ax.set(xlabel="meta-step", ylabel="meta-validation accuracy after adaptation (%)")
+    loss_ax.set(xlabel="meta-step", ylabel="query loss after adaptation",
+                title="meta-training tasks (moving average)")
+    val_ax.set(xlabel="meta-step", ylabel="accuracy after adaptation (%)", title="meta-validation episodes")
     loss_ax.legend(fontsize=8)
     val_ax.legend(fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
