@@ -140,11 +140,6 @@ def build_learner(config: MetaConfig, name: str, in_channels: int) -> MetaLearne
 
 def check_episodes(config: MetaConfig, splits: dict[str, FewShotDataset]) -> None:
     """ValueError unless every split can give the config's episodes (N classes, K + query examples each)."""
-    _, height, width = splits["train"].image_shape
-    if config.space == "nb201" and (height % 4 or width % 4):
-        # its two residual reductions halve the sides by pooling, which needs even sides twice
-        raise ValueError(f"nb201 networks need image sides divisible by 4, got {height}x{width}; "
-                         f"choose image_size accordingly")
     for name, split in splits.items():
         EpisodeSampler(split, config.n_way, config.k_shot, config.query if name == "train" else config.test_query)
 
