@@ -135,7 +135,9 @@ def _prepared(outputs: Sequence[torch.Tensor], weights: torch.Tensor | None):
         raise ValueError(f"mixed_sum weights have shape {tuple(weights.shape)}; expected ({len(outputs)},)")
     dtype = common_dtype(outputs)
     flat = [o.to(dtype).contiguous().view(-1) for o in outputs]
-    table = torch.tensor([o.data_ptr() for o in flat], dtype=torch.int64, device=flat[0].device)
+    table = torch.tensor([o.data_ptr() for o in flat], dtype=torch.int64)
+    if flat[0].is_cuda:  # pinned and non-blocking: a pageable copy would wait for the stream (a host sync)
+        table = table.pin_memory().to(flat[0].device, non_blocking=True)
     w = weights.contiguous() if weights is not None else flat[0]  # a placeholder pointer when unweighted
     return flat, table, w, shape, dtype
 

@@ -29,15 +29,18 @@ except ImportError:  # pragma: no cover
 #   "horizontal":  ReLU once; 3x3/5x5/dilated-3x3 depthwise stages as one 5x5 multiplier conv,
 #                  pointwise stages as one grouped 1x1 conv, one batch norm over all channels.
 #   "shared_relu": ReLU once; each candidate's convolutions run on their own.
-# On the CPU the 5x5 footprint costs more than the launches it saves (bench/README.md).
-CONV_FUSION = {"cpu": "shared_relu", "cuda": "horizontal"}
+# On the CPU the 5x5 footprint costs more than the calls it saves (bench/README.md). On CUDA it is not
+# yet measured: bench/gpu_check.py times both, and this stays on the conservative choice until then.
+CONV_FUSION = {"cpu": "shared_relu", "cuda": "shared_relu"}
 POOLS = ("avg_pool_3x3", "max_pool_3x3")
+# On the CPU a few candidates (GDAS, single-path) are summed faster by plain torch ops than through
+# an autograd Function: gumbel steps ran 3-7% slower fused without this threshold (bench/README.md).
+CPU_MIN_CANDIDATES = 6
 
 
 # --- mixed_sum ----------------------------------------------------------------------------------
-@torch.library.custom_op("supernet::mixed_sum", mutates_args=())
-def _mixed_sum_op(outputs: list[torch.Tensor], weights: torch.Tensor | None) -> torch.Tensor:
-    # CPU (and any non-CUDA) implementation: accumulate in place, no per-term temporaries kept.
+def _mixed_sum_cpu(outputs: Sequence[torch.Tensor], weights: torch.Tensor | None) -> torch.Tensor:
+    # accumulate in place: no per-term temporaries, and autograd keeps none of them
     dtype = common_dtype(outputs)
     if weights is None:
         total = outputs[0].to(dtype, copy=True)
@@ -50,14 +53,8 @@ def _mixed_sum_op(outputs: list[torch.Tensor], weights: torch.Tensor | None) -> 
     return total
 
 
-@_mixed_sum_op.register_fake
-def _(outputs, weights):
-    return outputs[0].new_empty(outputs[0].shape, dtype=common_dtype(outputs))
-
-
-@torch.library.custom_op("supernet::mixed_sum_backward", mutates_args=())
-def _mixed_sum_backward_op(outputs: list[torch.Tensor], weights: torch.Tensor | None, grad: torch.Tensor,
-                           need_weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _mixed_sum_backward_cpu(outputs: Sequence[torch.Tensor], weights: torch.Tensor | None, grad: torch.Tensor,
+                            need_weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(gradients of the candidates stacked as (K, *shape), gradient of the weights or an empty tensor)."""
     dtype = common_dtype(outputs)
     g = grad.to(dtype)
@@ -72,6 +69,24 @@ def _mixed_sum_backward_op(outputs: list[torch.Tensor], weights: torch.Tensor | 
     flat_g = g.reshape(-1).to(acc)
     grad_weights = torch.stack([torch.dot(o.reshape(-1).to(acc), flat_g) for o in outputs]).to(weights.dtype)
     return grad_outputs, grad_weights
+
+
+@torch.library.custom_op("supernet::mixed_sum", mutates_args=())
+def _mixed_sum_op(outputs: list[torch.Tensor], weights: torch.Tensor | None) -> torch.Tensor:
+    """sum_k weights[k] * outputs[k]: Triton on CUDA, in-place accumulation elsewhere."""
+    return _mixed_sum_cpu(outputs, weights)
+
+
+@_mixed_sum_op.register_fake
+def _(outputs, weights):
+    return outputs[0].new_empty(outputs[0].shape, dtype=common_dtype(outputs))
+
+
+@torch.library.custom_op("supernet::mixed_sum_backward", mutates_args=())
+def _mixed_sum_backward_op(outputs: list[torch.Tensor], weights: torch.Tensor | None, grad: torch.Tensor,
+                           need_weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward of mixed_sum as one op (on CUDA: one Triton launch and a finishing reduction)."""
+    return _mixed_sum_backward_cpu(outputs, weights, grad, need_weight_grad)
 
 
 @_mixed_sum_backward_op.register_fake
@@ -113,11 +128,33 @@ def _mixed_sum_backward(ctx, grad):
 _mixed_sum_op.register_autograd(_mixed_sum_backward, setup_context=_mixed_sum_setup)
 
 
+class _MixedSumEager(torch.autograd.Function):
+    """The CPU path outside torch.compile: the custom op's implementations without its per-call
+    dispatch cost, which a search step pays tens of times."""
+
+    @staticmethod
+    def forward(ctx, weights, *outputs):
+        ctx.need_weight_grad = weights is not None and ctx.needs_input_grad[0]
+        ctx.save_for_backward(weights, *outputs)
+        return _mixed_sum_cpu(outputs, weights)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weights, *outputs = ctx.saved_tensors
+        grad_outputs, grad_weights = _mixed_sum_backward_cpu(outputs, weights, grad, ctx.need_weight_grad)
+        grads = (g.to(o.dtype) for g, o in zip(grad_outputs.unbind(0), outputs))
+        return (grad_weights if ctx.need_weight_grad else None, *grads)
+
+
 def mixed_sum(outputs: Sequence[torch.Tensor], weights: torch.Tensor | None, fused: bool = False) -> torch.Tensor:
     """sum_i weights[i] * outputs[i] (a plain sum when weights is None)."""
     if not fused or len(outputs) == 1 and weights is None:
         return mixed_sum_reference(outputs, weights)
-    return _mixed_sum_op(list(outputs), weights)
+    if outputs[0].is_cuda or torch.compiler.is_compiling():
+        return _mixed_sum_op(list(outputs), weights)
+    if len(outputs) < CPU_MIN_CANDIDATES:
+        return mixed_sum_reference(outputs, weights)
+    return _MixedSumEager.apply(weights, *outputs)
 
 
 # --- parameter-free candidates ------------------------------------------------------------------

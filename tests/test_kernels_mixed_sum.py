@@ -121,14 +121,14 @@ def test_dispatch_custom_op_matches_reference(dtype, weighted):
 
 def test_dispatch_custom_op_registrations_pass_opcheck():
     outputs = candidates((2, 3, 5), 3, torch.float32, 2)
-    torch.library.opcheck(torch.ops.supernet.mixed_sum.default, (outputs, torch.randn(3, requires_grad=True)))
+    torch.library.opcheck(torch.ops.supernet.mixed_sum.default, (outputs, torch.randn(3, device=DEVICE, requires_grad=True)))
     torch.library.opcheck(torch.ops.supernet.mixed_sum.default, (outputs, None))
 
 
 def test_mixed_precision_candidates_sum_in_the_promoted_dtype():
     # under autocast, conv outputs are half while a skip carries an fp32 state
-    outputs = [torch.randn(3, 4).half(), torch.randn(3, 4)]
-    weights = torch.tensor([0.25, 0.75])
+    outputs = [torch.randn(3, 4).half().to(DEVICE), torch.randn(3, 4).to(DEVICE)]
+    weights = torch.tensor([0.25, 0.75]).to(DEVICE)
     for result in (mixed_sum_triton(outputs, weights), dispatch.mixed_sum(outputs, weights, fused=True)):
         assert result.dtype == torch.float32
         assert_close(result, mixed_sum_reference(outputs, weights), 1e-6, 1e-6, "mixed dtypes")

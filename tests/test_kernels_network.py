@@ -15,7 +15,8 @@ INPUT = {"darts": (2, 3, 9, 9), "nb201": (2, 3, 8, 8)}  # darts runs odd sides t
 def twin_networks(space, mixing, seed=0):
     torch.manual_seed(seed)
     genotype = get_space(space).random_genotype(random.Random(seed)) if mixing == "fixed" else None
-    ref = SearchNetwork(space, num_classes=5, in_channels=3, mixing=mixing, genotype=genotype, **SIZES[space])
+    ref = SearchNetwork(space, num_classes=5, in_channels=3, mixing=mixing, genotype=genotype, fused=False,
+                        **SIZES[space])
     fused = copy.deepcopy(ref)
     fused.fused = True
     return ref, fused

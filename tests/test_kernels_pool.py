@@ -50,7 +50,7 @@ def test_triton_matches_reference_forward_and_backward(n, c, h, w, stride, dtype
     g = torch.Generator().manual_seed(seed + 1)
     g_avg, g_max = torch.randn(avg.shape, generator=g).to(dtype), torch.randn(avg.shape, generator=g).to(dtype)
     got = torch.autograd.grad((avg, mx), x, (g_avg.to(DEVICE), g_max.to(DEVICE)))[0]
-    want = torch.autograd.grad((ref_avg, ref_mx), x32, (g_avg.float(), g_max.float()))[0]
+    want = torch.autograd.grad((ref_avg, ref_mx), x32, (g_avg.float().to(DEVICE), g_max.float().to(DEVICE)))[0]
     assert_close(got, want.to(dtype), atol, rtol, "dL/dx (argmax recomputed)")
 
 

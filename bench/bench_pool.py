@@ -1,0 +1,72 @@
+"""Microbenchmark of the parameter-free candidates of an edge (3x3 avg and max pools, with or without the
+batch norm DARTS puts after them): reference (two PyTorch pools) against the fused kernel.
+
+    python bench/bench_pool.py [--device cpu|cuda] [--quick]
+
+Providers: reference | torch.compile | triton on a GPU, reference | fused on the CPU (where the fused
+path is the reference: the dispatch keeps PyTorch's pools there). GB/s counts reading x once and
+writing both pooled outputs (forward), and reading x and both gradients, writing dL/dx (backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import append_csv, measure, pick_device, print_rows  # noqa: E402
+from kernels.pool_candidates import pool_candidates_reference  # noqa: E402
+from supernet import dispatch  # noqa: E402
+
+# (batch, channels, side, stride): DARTS search at the small CPU config and the paper config.
+CPU_CASES = [(32, 8, 16, 1), (32, 8, 16, 2), (64, 16, 32, 1)]
+GPU_CASES = [(64, 16, 32, 1), (64, 16, 32, 2), (256, 64, 32, 1)]
+
+
+def run(device: str, cases, modes=("forward", "backward", "full")) -> list[dict]:
+    rows = []
+    fused = dispatch._pool_op if device == "cuda" else dispatch.pool_candidates
+    provs = {"reference": pool_candidates_reference, "fused" if device == "cpu" else "triton": fused}
+    if device == "cuda":
+        provs["torch.compile"] = torch.compile(pool_candidates_reference)
+    for n, c, side, stride in cases:
+        rows += _case(device, provs, n, c, side, stride, modes)
+    return rows
+
+
+def _case(device, provs, n, c, side, stride, modes) -> list[dict]:
+    rows = []
+    x = torch.randn(n, c, side, side, device=device, requires_grad=True)
+    out_elems = n * c * ((side - 1) // stride + 1) ** 2
+    moved = {"forward": (x.numel() + 2 * out_elems) * 4, "backward": (2 * x.numel() + 2 * out_elems) * 4}
+    moved["full"] = moved["forward"] + moved["backward"]
+    case = f"{n}x{c}x{side}x{side},s{stride}"
+    for name, fn in provs.items():
+        avg, mx = fn(x, stride)
+        grads = (torch.randn_like(avg), torch.randn_like(mx))
+        calls = {"forward": lambda fn=fn: fn(x, stride),
+                 "backward": lambda o=(avg, mx), g=grads: torch.autograd.grad(o, x, g, retain_graph=True),
+                 "full": lambda fn=fn, g=grads: torch.autograd.grad(fn(x, stride), x, g)}
+        for mode in modes:
+            rows.append(measure("pool_candidates", case, mode, name, calls[mode], device, moved[mode]))
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="first case only")
+    args = parser.parse_args(argv)
+    device = pick_device(args.device)
+    cases = CPU_CASES if device == "cpu" else GPU_CASES
+    rows = run(device, cases[:1] if args.quick else cases)
+    append_csv(rows)
+    print_rows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
