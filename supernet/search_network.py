@@ -128,7 +128,7 @@ class SearchNetwork(nn.Module):
 
     def __init__(self, space: "str | CellSpace", C: int, layers: int, num_classes: int, in_channels: int = 3,
                  mixing: "str | MixingRule" = "softmax", genotype: Any = None, partial_k: int = 4,
-                 tau: float = 10.0, stem_multiplier: int = 3, fused: bool = True) -> None:
+                 tau: float = 10.0, stem_multiplier: int = 3, fused: bool = False) -> None:
         super().__init__()
         for name, value in (("C", C), ("layers", layers), ("num_classes", num_classes), ("in_channels", in_channels)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
