@@ -124,11 +124,14 @@ class SearchNetwork(nn.Module):
     stage for nb201 (its N; three stages joined by residual reduction blocks).
     Architecture parameters are registered as `alphas_<cell type>` (and `betas_<cell type>` for
     PC-DARTS edge normalisation), so a state_dict holds the architecture.
+    `fused=True` (the default) computes mixed ops through `supernet.dispatch`: Triton kernels on CUDA,
+    fused CPU paths elsewhere, with the reference path's numbers (`fused=False`); bench/README.md has
+    the measurements.
     """
 
     def __init__(self, space: "str | CellSpace", C: int, layers: int, num_classes: int, in_channels: int = 3,
                  mixing: "str | MixingRule" = "softmax", genotype: Any = None, partial_k: int = 4,
-                 tau: float = 10.0, stem_multiplier: int = 3, fused: bool = False) -> None:
+                 tau: float = 10.0, stem_multiplier: int = 3, fused: bool = True) -> None:
         super().__init__()
         for name, value in (("C", C), ("layers", layers), ("num_classes", num_classes), ("in_channels", in_channels)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
