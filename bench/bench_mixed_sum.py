@@ -9,14 +9,13 @@ candidate gradients.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import append_csv, measure, pick_device, print_rows  # noqa: E402
+from bench.common import kernel_bench_main, measure  # noqa: E402
 from kernels.mixed_sum import mixed_sum_reference  # noqa: E402
 from supernet import dispatch  # noqa: E402
 
@@ -62,16 +61,7 @@ def _case(device: str, k: int, n: int, modes, dtype) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"])
-    parser.add_argument("--quick", action="store_true", help="first case only")
-    args = parser.parse_args(argv)
-    device = pick_device(args.device)
-    cases = CPU_CASES if device == "cpu" else GPU_CASES
-    rows = run(device, cases[:1] if args.quick else cases)
-    append_csv(rows)
-    print_rows(rows)
-    return 0
+    return kernel_bench_main(__doc__.splitlines()[0], run, CPU_CASES, GPU_CASES, argv)
 
 
 if __name__ == "__main__":

@@ -164,3 +164,20 @@ def pick_device(requested: str | None) -> str:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return "cpu"
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def kernel_bench_main(description: str, run: Callable[..., list[dict]], cpu_cases: list, gpu_cases: list,
+                      argv: list[str] | None = None) -> int:
+    """The command line the per-kernel scripts share: pick a device, run its cases, append and print the rows."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="first case only")
+    args = parser.parse_args(argv)
+    device = pick_device(args.device)
+    cases = cpu_cases if device == "cpu" else gpu_cases
+    rows = run(device, cases[:1] if args.quick else cases)
+    append_csv(rows)
+    print_rows(rows)
+    return 0

@@ -84,6 +84,15 @@ def read_checkpoint_config(path: "str | Path") -> dict:
     return _read_checkpoint(Path(path))[0]["config"]
 
 
+def resume_config(run_dir: Path, options: dict) -> dict:
+    """The config of the run to resume; options given again must equal the stored ones."""
+    stored = read_checkpoint_config(run_dir / CHECKPOINT)
+    diff = config_differences(stored, {**stored, **options})
+    if diff:
+        raise ValueError(f"cannot resume {str(run_dir)!r} with a different config: " + "; ".join(diff))
+    return stored
+
+
 def _read_checkpoint(path: Path) -> tuple[dict, bytes]:
     if not path.is_file():
         raise ValueError(f"no checkpoint at {str(path)!r}")

@@ -427,11 +427,7 @@ def _resolve_config(options: dict, resume: Path | None, data_tensors: data.Pair 
                    "data_fingerprint": data.fingerprint(*data_tensors)}
     if resume is None:
         return SearchConfig.from_dict(options)
-    stored = runs.read_checkpoint_config(resume / runs.CHECKPOINT)
-    diff = runs.config_differences(stored, {**stored, **options})
-    if diff:
-        raise ValueError(f"cannot resume {str(resume)!r} with a different config: " + "; ".join(diff))
-    return SearchConfig.from_dict(stored)
+    return SearchConfig.from_dict(runs.resume_config(resume, options))
 
 
 def search(*, resume: "str | Path | None" = None, data: data.Pair | None = None, out: "str | Path" = "runs",

@@ -10,22 +10,11 @@ from hypothesis import strategies as st
 
 from kernels.mixed_sum import mixed_sum_reference, mixed_sum_triton
 from supernet import dispatch
+from tests.compare import assert_close
 
 pytestmark = pytest.mark.usefixtures("nan_fill")
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, what: str) -> None:
-    """Elementwise comparison that reports how many elements differ and where; NaN/inf checked first."""
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    bad = ~torch.isfinite(actual) & torch.isfinite(expected)
-    assert not bad.any(), f"{what}: {int(bad.sum())} non-finite elements, first at {bad.nonzero()[0].tolist()}"
-    a, e = actual.double(), expected.double()
-    wrong = (a - e).abs() > atol + rtol * e.abs()
-    assert not wrong.any(), (f"{what}: {int(wrong.sum())}/{wrong.numel()} elements differ, first at "
-                             f"{wrong.nonzero()[0].tolist()}, max error {(a - e).abs().max().item():.3g}")
 
 
 def relative_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:

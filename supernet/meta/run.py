@@ -268,11 +268,7 @@ class MetaRun:
 def _resolve_config(options: dict, resume: Path | None) -> MetaConfig:
     if resume is None:
         return MetaConfig.from_dict(options)
-    stored = runs.read_checkpoint_config(resume / runs.CHECKPOINT)
-    diff = runs.config_differences(stored, {**stored, **options})
-    if diff:
-        raise ValueError(f"cannot resume {str(resume)!r} with a different config: " + "; ".join(diff))
-    return MetaConfig.from_dict(stored)
+    return MetaConfig.from_dict(runs.resume_config(resume, options))
 
 
 def meta_learn(*, resume: "str | Path | None" = None, out: "str | Path" = "runs", run_dir: "str | Path | None" = None,
