@@ -5,8 +5,16 @@ import pytest
 import torch
 
 # Test shapes are tiny: one intra-op thread is faster than two, and far faster when the cores are
-# shared (spinning OpenMP threads made a 0.1 s forward take 20 s under load).
+# shared (spinning OpenMP threads made a 0.1 s forward take 20 s under load). The CLI commands
+# tested in-process set their own thread counts, so every test starts from one again.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)
 
 # Without a GPU, Triton kernels run in its interpreter; the flag must be set before triton is imported.
 if not torch.cuda.is_available():

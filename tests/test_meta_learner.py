@@ -18,15 +18,6 @@ from supernet.meta import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny ops: a second thread only adds synchronisation (and stalls on a busy machine)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Tiny(nn.Module):
     """logits = tanh(x W^T) * a: nonlinear in both parameters, so the Hessian has every kind of term."""
 

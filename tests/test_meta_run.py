@@ -14,13 +14,6 @@ TINY = dict(C=2, meta_steps=4, meta_batch=2, inner_steps=1, test_inner_steps=1, 
             val_episodes=4, test_episodes=6, checkpoint_every=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):

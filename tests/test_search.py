@@ -15,13 +15,6 @@ TINY = dict(C=4, layers=3, epochs=2, batch_size=16, steps_per_epoch=2, max_train
             retrain_epochs=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: one thread is fastest and immune to other processes' load
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def split():

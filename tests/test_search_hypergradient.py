@@ -8,14 +8,6 @@ from supernet import SearchNetwork
 from supernet.architect import first_order_gradient, unrolled_gradient
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: one thread is fastest and immune to other processes' load
-    yield
-    torch.set_num_threads(before)
-
-
 def unrolled_val_loss(net, train, val, xi):
     """L_val(w - xi * grad_w L_train(w, alpha), alpha), computed directly (weights restored after)."""
     weights = net.weight_parameters()
