@@ -4,8 +4,11 @@ batch norm DARTS puts after them): reference (two PyTorch pools) against the fus
     python bench/bench_pool.py [--device cpu|cuda] [--quick]
 
 Providers: reference | torch.compile | triton on a GPU, reference | fused on the CPU (where the fused
-path is the reference: the dispatch keeps PyTorch's pools there). GB/s counts reading x once and
-writing both pooled outputs (forward), and reading x and both gradients, writing dL/dx (backward).
+path is the reference: the dispatch keeps PyTorch's pools there). With the training-mode batch norms:
+reference+bn (two pools, two nn.BatchNorm2d) | fused+bn (the statistics op, then only the normalisation;
+Triton on a GPU, PyTorch's pools and var_mean on the CPU: the measurement behind POOL_BN_FUSION).
+GB/s counts reading x once and writing both pooled outputs (forward), and reading x and both gradients,
+writing dL/dx (backward), for all providers.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import kernel_bench_main, measure  # noqa: E402
@@ -31,9 +35,29 @@ def run(device: str, cases, modes=("forward", "backward", "full")) -> list[dict]
     provs = {"reference": pool_candidates_reference, "fused" if device == "cpu" else "triton": fused}
     if device == "cuda":
         provs["torch.compile"] = torch.compile(pool_candidates_reference)
+    provs["reference+bn"] = _with_batch_norm(device, lambda x, stride, bns: tuple(
+        bn(y) for bn, y in zip(bns, pool_candidates_reference(x, stride))))
+    provs["fused+bn"] = _with_batch_norm(device, _fused_batch_norm)
     for n, c, side, stride in cases:
         rows += _case(device, provs, n, c, side, stride, modes)
     return rows
+
+
+def _with_batch_norm(device, pools_and_norms):
+    """A provider (x, stride) -> normalised (avg, max), with its own pair of non-affine batch norms per channel count."""
+    bns = {}
+
+    def call(x, stride):
+        c = x.shape[1]
+        if c not in bns:
+            bns[c] = [nn.BatchNorm2d(c, affine=False).to(device) for _ in range(2)]
+        return pools_and_norms(x, stride, bns[c])
+    return call
+
+
+def _fused_batch_norm(x, stride, bns):
+    avg, mx, mean, var = dispatch._pool_stats_op(x, stride)
+    return tuple(dispatch.batch_norm_with_stats(y, mean[k], var[k], bn) for k, (y, bn) in enumerate(zip((avg, mx), bns)))
 
 
 def _case(device, provs, n, c, side, stride, modes) -> list[dict]:

@@ -8,8 +8,16 @@ W(i, j) = {(s*i - 1 + a, s*j - 1 + b) : a, b in 0..2} clipped to the image:
 The backward gathers, per input element, over the at most 9 windows that contain it, and recomputes
 each window's argmax rather than saving it (first maximum in scan order, a NaN wins, as PyTorch does).
 Gathering instead of scattering keeps the sum order fixed, so results are deterministic.
-The skip candidate (identity at stride 1) and the batch norm after pools are not here: they are
-exact torch ops that the caller applies to these outputs.
+The skip candidate (identity at stride 1) needs no kernel.
+
+With statistics (`pool_stats_*`), the same pass also reduces, for each pool output y and channel c,
+the first stage of the batch-norm statistics: per program (one plane n, c and a block of it) the count
+n_p, the sum s_p and the centred sum of squares q_p = sum (y - s_p/n_p)^2. The second stage (torch,
+over the tiny partial buffer) merges them as Chan et al. do, which avoids E[y^2] - E[y]^2 cancellation:
+    mean_c = sum_p s_p / M,   var_c = (sum_p q_p + sum_p n_p (s_p/n_p - mean_c)^2) / M,   M = N*HO*WO
+(biased variance, as batch norm normalises with). The caller normalises with them; the backward folds
+the gradients that reach mean and var into the pools' gradients:
+    dL/dy = g_y + g_mean / M + g_var * 2 (y - mean) / M
 """
 
 from __future__ import annotations
@@ -31,9 +39,50 @@ def pool_candidates_reference(x: torch.Tensor, stride: int) -> tuple[torch.Tenso
     return avg, mx
 
 
+def pool_stats_reference(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, ...]:
+    """(avg, max, mean, var): both pools, and per pool and channel the batch mean and biased variance, each (2, C)."""
+    avg, mx = pool_candidates_reference(x, stride)
+    acc = torch.promote_types(x.dtype, torch.float32)  # statistics in at least fp32, as batch norm keeps them
+    var_mean = [torch.var_mean(y.to(acc), dim=(0, 2, 3), correction=0) for y in (avg, mx)]
+    return avg, mx, torch.stack([m for _, m in var_mean]), torch.stack([v for v, _ in var_mean])
+
+
+def fold_stats_grad(y: torch.Tensor, mean: torch.Tensor, grad_y: torch.Tensor | None, grad_mean: torch.Tensor | None,
+                    grad_var: torch.Tensor | None) -> torch.Tensor | None:
+    """dL/dy given the gradients reaching y directly and through its channel mean and biased variance."""
+    if grad_mean is None and grad_var is None:
+        return grad_y
+    count = y.numel() // y.shape[1]
+    acc = torch.promote_types(y.dtype, torch.float32)
+    g = grad_y.to(acc) if grad_y is not None else torch.zeros_like(y, dtype=acc)
+    if grad_mean is not None:
+        g = g + (grad_mean.to(acc) / count).view(1, -1, 1, 1)
+    if grad_var is not None:
+        g = g + (y.to(acc) - mean.to(acc).view(1, -1, 1, 1)) * (2.0 * grad_var.to(acc) / count).view(1, -1, 1, 1)
+    return g.to(y.dtype)
+
+
 def pooled_size(n: int, stride: int) -> int:
     """Output length of a 3x3, padding 1 pool along a side of n."""
     return (n - 1) // stride + 1
+
+
+@triton.jit
+def _pool_window(x_ptr, o_nc, o_h, o_w, m_out, H, W, STRIDE: tl.constexpr, BLOCK: tl.constexpr):
+    """(avg, max) in fp32 of the 3x3 windows at output rows o_h, columns o_w of planes o_nc."""
+    b_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    b_cnt = tl.zeros([BLOCK], dtype=tl.float32)
+    b_max = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    for a in tl.static_range(3):
+        i_h = o_h * STRIDE - 1 + a
+        for b in tl.static_range(3):
+            i_w = o_w * STRIDE - 1 + b
+            m_in = m_out & (i_h >= 0) & (i_h < H) & (i_w >= 0) & (i_w < W)
+            b_x = tl.load(x_ptr + (o_nc * H + i_h) * W + i_w, mask=m_in, other=0.0).to(tl.float32)
+            b_sum += b_x
+            b_cnt += m_in.to(tl.float32)
+            b_max = tl.where(m_in & ((b_x > b_max) | (b_x != b_x)), b_x, b_max)
+    return b_sum / tl.maximum(b_cnt, 1.0), b_max
 
 
 @triton.jit
@@ -52,20 +101,47 @@ def _pool_fwd_kernel(
     o_w = o_out % WO
     o_h = (o_out // WO) % HO
     o_nc = o_out // (WO * HO)
-    b_sum = tl.zeros([BLOCK], dtype=tl.float32)
-    b_cnt = tl.zeros([BLOCK], dtype=tl.float32)
-    b_max = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    for a in tl.static_range(3):
-        i_h = o_h * STRIDE - 1 + a
-        for b in tl.static_range(3):
-            i_w = o_w * STRIDE - 1 + b
-            m_in = m_out & (i_h >= 0) & (i_h < H) & (i_w >= 0) & (i_w < W)
-            b_x = tl.load(x_ptr + (o_nc * H + i_h) * W + i_w, mask=m_in, other=0.0).to(tl.float32)
-            b_sum += b_x
-            b_cnt += m_in.to(tl.float32)
-            b_max = tl.where(m_in & ((b_x > b_max) | (b_x != b_x)), b_x, b_max)
-    tl.store(avg_ptr + o_out, (b_sum / tl.maximum(b_cnt, 1.0)).to(avg_ptr.dtype.element_ty), mask=m_out)
+    b_avg, b_max = _pool_window(x_ptr, o_nc, o_h, o_w, m_out, H, W, STRIDE, BLOCK)
+    tl.store(avg_ptr + o_out, b_avg.to(avg_ptr.dtype.element_ty), mask=m_out)
     tl.store(max_ptr + o_out, b_max.to(max_ptr.dtype.element_ty), mask=m_out)
+
+
+@triton.jit
+def _pool_stats_fwd_kernel(
+    x_ptr,  # [NC, H, W]
+    avg_ptr,  # [NC, HO, WO]
+    max_ptr,  # [NC, HO, WO]
+    part_ptr,  # [4, NC, NB] fp32: per program, sum and centred sum of squares of avg, then of max
+    H, W, HO, WO,  # input and output sides
+    NB,  # programs per plane: cdiv(HO * WO, BLOCK)
+    STRIDE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    i_nc = tl.program_id(0).to(tl.int64)  # one plane (n, c) per row of programs: a program sees one channel
+    i_b = tl.program_id(1).to(tl.int64)
+    hw = HO * WO
+    o_hw = i_b * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] index inside the plane
+    m_out = o_hw < hw
+    o_nc = tl.zeros([BLOCK], dtype=tl.int64) + i_nc
+    b_avg, b_max = _pool_window(x_ptr, o_nc, o_hw // WO, o_hw % WO, m_out, H, W, STRIDE, BLOCK)
+    # statistics of the values as stored, so half precision matches batch norm applied to the outputs
+    b_avg = b_avg.to(avg_ptr.dtype.element_ty)
+    b_max = b_max.to(max_ptr.dtype.element_ty)
+    tl.store(avg_ptr + i_nc * hw + o_hw, b_avg, mask=m_out)
+    tl.store(max_ptr + i_nc * hw + o_hw, b_max, mask=m_out)
+    b_avg = tl.where(m_out, b_avg.to(tl.float32), 0.0)
+    b_max = tl.where(m_out, b_max.to(tl.float32), 0.0)
+    n_p = tl.minimum(hw - i_b * BLOCK, BLOCK).to(tl.float32)
+    s_avg = tl.sum(b_avg, axis=0)
+    s_max = tl.sum(b_max, axis=0)
+    d_avg = tl.where(m_out, b_avg - s_avg / n_p, 0.0)
+    d_max = tl.where(m_out, b_max - s_max / n_p, 0.0)
+    parts = tl.num_programs(0).to(tl.int64) * NB
+    p_part = part_ptr + i_nc * NB + i_b
+    tl.store(p_part, s_avg)
+    tl.store(p_part + parts, tl.sum(d_avg * d_avg, axis=0))
+    tl.store(p_part + 2 * parts, s_max)
+    tl.store(p_part + 3 * parts, tl.sum(d_max * d_max, axis=0))
 
 
 @triton.jit
@@ -160,6 +236,69 @@ def pool_candidates_backward(x: torch.Tensor, stride: int, grad_avg: torch.Tenso
     return dx
 
 
+def stats_block(plane: int) -> int:
+    """Outputs per program of the statistics kernel: a plane (up to 1024) per program, at least 32."""
+    return min(1024, max(32, triton.next_power_of_2(plane)))
+
+
+def finish_stats(part: torch.Tensor, plane: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Second stage: (mean, biased var), each (2, C), from the partials [4, N, C, NB] of `plane` outputs a plane."""
+    nb = part.shape[-1]
+    n_p = (plane - block * torch.arange(nb, device=part.device)).clamp(max=block).to(torch.float32)  # [NB]
+    sums, squares = part[0::2], part[1::2]  # [2, N, C, NB]
+    count = part.shape[1] * plane
+    mean = sums.sum(dim=(1, 3)) / count  # [2, C]
+    spread = n_p * (sums / n_p - mean[:, None, :, None]).square()
+    var = (squares.sum(dim=(1, 3)) + spread.sum(dim=(1, 3))) / count
+    return mean, var
+
+
+def pool_stats_forward(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, ...]:
+    """The Triton forward with statistics: (avg, max, mean, var) from one read of x (mean, var: (2, C))."""
+    _check(x, stride)
+    n, c, h, w = x.shape
+    ho, wo = pooled_size(h, stride), pooled_size(w, stride)
+    xc = x.contiguous()
+    avg = empty((n, c, ho, wo), x.dtype, x.device)
+    mx = empty((n, c, ho, wo), x.dtype, x.device)
+    block = stats_block(ho * wo)
+    nb = triton.cdiv(ho * wo, block)
+    part = empty((4, n, c, nb), torch.float32, x.device)
+    _pool_stats_fwd_kernel[(n * c, nb)](xc, avg, mx, part, h, w, ho, wo, nb, STRIDE=stride, BLOCK=block)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    return avg, mx, *(t.to(acc) for t in finish_stats(part, ho * wo, block))
+
+
+def pool_stats_backward(x: torch.Tensor, stride: int, avg: torch.Tensor, mx: torch.Tensor, mean: torch.Tensor,
+                        grads: tuple) -> torch.Tensor:
+    """The Triton backward with statistics: dL/dx from the gradients of (avg, max, mean, var), any of them None."""
+    g_avg, g_max, g_mean, g_var = grads
+    g_avg = fold_stats_grad(avg, mean[0], g_avg, *(g[0] if g is not None else None for g in (g_mean, g_var)))
+    g_max = fold_stats_grad(mx, mean[1], g_max, *(g[1] if g is not None else None for g in (g_mean, g_var)))
+    return pool_candidates_backward(x, stride, g_avg, g_max)
+
+
+class PoolStats(torch.autograd.Function):
+    """Autograd over the statistics kernel; saves x, both pools and the means."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, stride: int):
+        avg, mx, mean, var = pool_stats_forward(x, stride)
+        ctx.save_for_backward(x, avg, mx, mean)
+        ctx.stride = stride
+        return avg, mx, mean, var
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, avg, mx, mean = ctx.saved_tensors
+        return pool_stats_backward(x, ctx.stride, avg, mx, mean, grads), None
+
+
+def pool_stats_triton(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, ...]:
+    """Differentiable Triton (avg pool, max pool, mean, var), mean and var per pool and channel."""
+    return PoolStats.apply(x, stride)
+
+
 class PoolCandidates(torch.autograd.Function):
     """Autograd over the Triton kernels; saves x only and recomputes the argmax in backward."""
 
@@ -195,4 +334,11 @@ def aot_specs() -> list[tuple]:
                        "STRIDE": "constexpr", "HAS_AVG": "constexpr", "HAS_MAX": "constexpr",
                        "BLOCK": "constexpr"},
                       {"STRIDE": stride, "HAS_AVG": True, "HAS_MAX": True, "BLOCK": BLOCK}))
+    # the statistics kernel at the smallest block (8x8 planes) and the largest (32x32 planes)
+    for dtype, stride, block in (("fp32", 1, stats_block(64)), ("fp32", 2, stats_block(1024)), ("bf16", 2, 1024)):
+        specs.append((_pool_stats_fwd_kernel,
+                      {"x_ptr": f"*{dtype}", "avg_ptr": f"*{dtype}", "max_ptr": f"*{dtype}", "part_ptr": "*fp32",
+                       "H": "i32", "W": "i32", "HO": "i32", "WO": "i32", "NB": "i32", "STRIDE": "constexpr",
+                       "BLOCK": "constexpr"},
+                      {"STRIDE": stride, "BLOCK": block}))
     return specs

@@ -17,7 +17,7 @@ from torch import nn
 
 from kernels import fused_conv
 from kernels.mixed_sum import common_dtype, mixed_sum_reference
-from kernels.pool_candidates import pool_candidates_reference
+from kernels.pool_candidates import fold_stats_grad, pool_candidates_reference, pool_stats_reference
 
 try:  # Triton wheels exist for Linux only; without it every device runs the references.
     from kernels import mixed_sum as _mixed_sum_triton
@@ -33,6 +33,10 @@ except ImportError:  # pragma: no cover
 # yet measured: bench/gpu_check.py times both, and this stays on the conservative choice until then.
 CONV_FUSION = {"cpu": "shared_relu", "cuda": "shared_relu"}
 POOLS = ("avg_pool_3x3", "max_pool_3x3")
+# Whether the fused path takes the pools' training-mode batch-norm statistics from the pool kernel's own
+# pass over x, per device type. On the CPU there is no kernel (the op runs PyTorch's pools and var_mean),
+# and it measured about 2x slower than the two BatchNorm2d calls (bench/README.md).
+POOL_BN_FUSION = {"cpu": False, "cuda": True}
 # On the CPU a few candidates (GDAS, single-path) are summed faster by plain torch ops than through
 # an autograd Function: gumbel steps ran 3-7% slower fused without this threshold (bench/README.md).
 CPU_MIN_CANDIDATES = 6
@@ -211,6 +215,82 @@ def _pool_backward(ctx, grad_avg, grad_max):
 _pool_op.register_autograd(_pool_backward, setup_context=_pool_setup)
 
 
+@torch.library.custom_op("supernet::pool_candidates_stats", mutates_args=())
+def _pool_stats_op(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(avg pool, max pool, mean, biased var), mean and var (2, C) in at least fp32: both pools' batch statistics."""
+    return pool_stats_reference(x, stride)
+
+
+@_pool_stats_op.register_fake
+def _(x, stride):
+    n, c, h, w = x.shape
+    shape = (n, c, (h - 1) // stride + 1, (w - 1) // stride + 1)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    return x.new_empty(shape), x.new_empty(shape), x.new_empty((2, c), dtype=acc), x.new_empty((2, c), dtype=acc)
+
+
+if _pool_triton is not None:
+    @_pool_stats_op.register_kernel("cuda")
+    def _(x, stride):
+        return _pool_triton.pool_stats_forward(x, stride)
+
+
+def _pool_stats_setup(ctx, inputs, output):
+    x, stride = inputs
+    avg, mx, mean, _ = output
+    ctx.stride = stride
+    ctx.save_for_backward(x, avg, mx, mean)
+
+
+def _pool_stats_backward(ctx, grad_avg, grad_max, grad_mean, grad_var):
+    x, avg, mx, mean = ctx.saved_tensors
+    pick = [(g[k] if g is not None else None) for k in (0, 1) for g in (grad_mean, grad_var)]
+    grad_avg = fold_stats_grad(avg, mean[0], grad_avg, pick[0], pick[1])
+    grad_max = fold_stats_grad(mx, mean[1], grad_max, pick[2], pick[3])
+    grad_avg = grad_avg if grad_avg is not None else torch.zeros_like(avg)
+    grad_max = grad_max if grad_max is not None else torch.zeros_like(mx)
+    return _pool_backward_op(x, ctx.stride, grad_avg, grad_max), None
+
+
+_pool_stats_op.register_autograd(_pool_stats_backward, setup_context=_pool_stats_setup)
+
+
+def batch_norm_with_stats(y: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """A non-affine BatchNorm2d in training mode applied to y, given y's batch mean and biased variance.
+
+    Updates bn's running statistics as nn.BatchNorm2d does (unbiased variance, momentum or cumulative).
+    """
+    if bn.affine or not (bn.training or not bn.track_running_stats):
+        raise ValueError(f"batch_norm_with_stats expects a non-affine batch norm using batch statistics, got {bn}")
+    if bn.training and bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        count = y.numel() // y.shape[1]
+        with torch.no_grad():
+            bn.running_mean.mul_(1 - factor).add_(mean.detach().to(bn.running_mean.dtype), alpha=factor)
+            unbiased = var.detach().to(bn.running_var.dtype) * (count / (count - 1))
+            bn.running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
+    shift = mean.view(1, -1, 1, 1)
+    scale = torch.rsqrt(var + bn.eps).view(1, -1, 1, 1)
+    acc = torch.promote_types(y.dtype, torch.float32)  # half precision normalises in fp32
+    return ((y.to(acc) - shift) * scale).to(y.dtype)
+
+
+def _pool_batch_norms(ops: nn.ModuleDict, x: torch.Tensor) -> list[nn.BatchNorm2d] | None:
+    """The two pools' batch norms when the fused statistics apply to them here; else None."""
+    if not POOL_BN_FUSION.get(x.device.type, False):
+        return None
+    bns = [op[1] if isinstance(op, nn.Sequential) and len(op) == 2 else None for op in (ops[p] for p in POOLS)]
+    if not all(isinstance(bn, nn.BatchNorm2d) and not bn.affine and (bn.training or not bn.track_running_stats)
+               for bn in bns):
+        return None
+    n, _, h, w = x.shape
+    stride = _pool_stride(ops[POOLS[0]])
+    if n * ((h - 1) // stride + 1) * ((w - 1) // stride + 1) < 2:
+        return None  # one value per channel: leave it to BatchNorm2d, which refuses it
+    return bns
+
+
 def pool_candidates(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(avg pool, max pool) of x: one fused kernel on CUDA, the PyTorch pools elsewhere (faster there)."""
     if x.is_cuda:
@@ -321,13 +401,20 @@ def _horizontal(r: torch.Tensor, stage_lists: list[list[tuple]]) -> list[torch.T
 def edge_outputs(ops: nn.ModuleDict, x: torch.Tensor, names: Sequence[str], fused: bool = False) -> list[torch.Tensor]:
     """The outputs of an edge's candidates `names` on x, in that order.
 
-    Fused: both pools come from one pass over x; every candidate that starts with a ReLU shares one
-    ReLU(x); convolutional candidates run side by side where the device's CONV_FUSION says so.
+    Fused: both pools come from one pass over x (on CUDA with their batch-norm statistics); every
+    candidate that starts with a ReLU shares one ReLU(x); convolutional candidates run side by side
+    where the device's CONV_FUSION says so.
     """
     if not fused or len(names) == 1:
         return [ops[name](x) for name in names]
     out: dict[str, torch.Tensor] = {}
-    if all(p in names for p in POOLS):
+    bns = _pool_batch_norms(ops, x) if all(p in names for p in POOLS) else None
+    if bns is not None:
+        # one pass over x gives both pools and their batch statistics; only the normalisation remains
+        avg, mx, mean, var = _pool_stats_op(x, _pool_stride(ops[POOLS[0]]))
+        for k, (name, y) in enumerate(zip(POOLS, (avg, mx))):
+            out[name] = batch_norm_with_stats(y, mean[k], var[k], bns[k])
+    elif all(p in names for p in POOLS):
         avg, mx = pool_candidates(x, _pool_stride(ops[POOLS[0]]))
         for name, y in zip(POOLS, (avg, mx)):
             op = ops[name]

@@ -1,14 +1,23 @@
-"""pool_candidates: the Triton kernels (interpreted without a GPU) and the dispatch custom op against PyTorch's pools."""
+"""pool_candidates: the Triton kernels (interpreted without a GPU) and the dispatch custom op against PyTorch's pools,
+and the pools' batch-norm statistics from the same pass against nn.BatchNorm2d(affine=False)."""
 
+import copy
 import os
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from torch import nn
 
-from kernels.pool_candidates import pool_candidates_reference, pool_candidates_triton
+from kernels.pool_candidates import (
+    pool_candidates_reference,
+    pool_candidates_triton,
+    pool_stats_reference,
+    pool_stats_triton,
+)
 from supernet import dispatch
+from supernet.ops import build_op
 from tests.compare import assert_close
 
 pytestmark = pytest.mark.usefixtures("nan_fill")
@@ -93,3 +102,122 @@ def test_dispatch_runs_the_reference_on_the_cpu():
     x = torch.randn(1, 2, 5, 5)
     avg, mx = dispatch.pool_candidates(x, 1)
     assert torch.equal(avg, pool_candidates_reference(x, 1)[0]) and torch.equal(mx, pool_candidates_reference(x, 1)[1])
+
+
+# --- batch-norm statistics from the same pass -----------------------------------------------------
+def relative_rms(actual, expected, floor):
+    """||actual - expected|| / ||expected||, with ||expected|| taken as at least an RMS of `floor` (a constant
+    channel normalises to zeros, against which any rounding is infinitely large)."""
+    a, e = actual.double(), expected.double()
+    return ((a - e).norm() / e.norm().clamp_min(floor * e.numel() ** 0.5)).item()
+
+
+def check_pool_batch_norm(x, stride, momentum, tolerance):
+    """Triton pools + their statistics + batch_norm_with_stats against PyTorch's pools + BatchNorm2d."""
+    dtype = x.dtype
+    c = x.shape[1]
+    # eps 1e-3 rather than 1e-5: a constant channel (frequent in small planes) multiplies rounding noise by
+    # 1/sqrt(eps), in nn.BatchNorm2d as here; the module's eps is what both paths use
+    bns = [nn.BatchNorm2d(c, eps=1e-3, affine=False, momentum=momentum).to(DEVICE) for _ in range(2)]
+    for bn in bns:  # running statistics away from their initial values, so the update is seen
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    ref_bns = copy.deepcopy(bns)
+    avg, mx, mean, var = pool_stats_triton(x, stride)
+    got = [dispatch.batch_norm_with_stats(y, mean[k], var[k], bns[k]) for k, y in enumerate((avg, mx))]
+    # reference: PyTorch's pools from the fp32 input, rounded as the kernel stores them, batch norm in fp32
+    x32 = x.detach().float().requires_grad_()
+    ref_pools = [y.to(dtype).float() for y in pool_candidates_reference(x32, stride)]
+    want = [bn(y) for bn, y in zip(ref_bns, ref_pools)]
+    atol, rtol = TOLERANCES[dtype]
+    for k, (what, y) in enumerate(zip(("avg", "max"), (avg, mx))):
+        assert_close(y, ref_pools[k].to(dtype).detach(), atol, rtol, f"{what} pool")
+        # the statistics are of the stored outputs: exact up to the fp32 sum order
+        var_ref, mean_ref = torch.var_mean(y.detach().float(), dim=(0, 2, 3), correction=0)
+        assert_close(mean[k], mean_ref, 1e-5, 1e-5, f"{what} batch mean")
+        assert_close(var[k], var_ref, 1e-5, 1e-4, f"{what} batch variance")
+        assert relative_rms(got[k], want[k].to(dtype), 1.0) < tolerance, f"{what}: normalised output"
+        assert torch.isfinite(got[k]).all()
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            b, r = getattr(bns[k], name), getattr(ref_bns[k], name)
+            torch.testing.assert_close(b, r, atol=max(atol, 1e-6), rtol=max(rtol, 1e-5),
+                                       msg=lambda m, n=f"{what} {name}": f"{n}: {m}")
+    g = torch.Generator().manual_seed(7)
+    grads = [torch.randn(avg.shape, generator=g).to(DEVICE) for _ in range(2)]
+    dx = torch.autograd.grad(got, x, [gr.to(dtype) for gr in grads])[0]
+    dx_ref = torch.autograd.grad(want, x32, grads)[0]
+    assert torch.isfinite(dx).all()
+    assert relative_rms(dx, dx_ref, 1.0) < tolerance, "dL/dx through both batch norms"
+
+
+RMS_TOLERANCES = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 3e-2}
+
+
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(1, 3), c=st.sampled_from([1, 3, 5, 6]), h=st.integers(1, 9), w=st.integers(1, 9),
+       stride=st.sampled_from([1, 2]), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       momentum=st.sampled_from([0.1, None]), ties=st.booleans(), seed=st.integers(0, 2**16))
+def test_triton_statistics_give_batch_norm_after_the_pools(n, c, h, w, stride, dtype, momentum, ties, seed):
+    assume(n * ((h - 1) // stride + 1) * ((w - 1) // stride + 1) > 1)  # batch norm needs two values a channel
+    x = make_input((n, c, h, w), dtype, seed, ties)
+    check_pool_batch_norm(x, stride, momentum, RMS_TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_triton_statistics_merge_several_programs_per_plane(stride):
+    # 35x33 at stride 1 is 1155 outputs a plane: two programs, merged by the second stage; a shifted
+    # input (mean 10, pooled variance about 0.1) checks that the variance does not lose its digits to
+    # cancellation (E[y^2] - E[y]^2 in fp32 would be off by about 1e-3 relative here)
+    x = (make_input((2, 3, 35, 33), torch.float32, 11, ties=False).detach() + 10).requires_grad_()
+    check_pool_batch_norm(x, stride, 0.1, 1e-4)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_dispatch_statistics_op_matches_reference_and_passes_opcheck(stride):
+    x = make_input((2, 3, 7, 5), torch.float32, 5, ties=True)
+    got = torch.ops.supernet.pool_candidates_stats(x, stride)
+    want = pool_stats_reference(x, stride)
+    for a, b, what in zip(got, want, ("avg", "max", "mean", "var")):
+        assert_close(a, b, 1e-6, 1e-6, what)
+    grads = [torch.randn_like(t) for t in want]
+    dx = torch.autograd.grad(got, x, grads)[0]
+    dx_ref = torch.autograd.grad(want, x, grads)[0]
+    assert_close(dx, dx_ref, 1e-5, 1e-5, "dL/dx through the statistics")
+    torch.library.opcheck(torch.ops.supernet.pool_candidates_stats.default, (x, stride))
+
+
+def pool_edge(c, stride, momentum, names):
+    ops = nn.ModuleDict({name: build_op(name, c, stride, affine=False, pool_batchnorm=True) for name in names})
+    for name in dispatch.POOLS:
+        ops[name][1].momentum = momentum
+    return ops
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("stride, momentum", [(1, 0.1), (2, None)])
+def test_edge_outputs_with_fused_pool_statistics_equal_the_modules(monkeypatch, stride, momentum, training):
+    # POOL_BN_FUSION on for the CPU sends edge_outputs through the statistics op (the reference kernel here)
+    monkeypatch.setitem(dispatch.POOL_BN_FUSION, "cpu", True)
+    names = [*dispatch.POOLS, "skip_connect"] if stride == 1 else list(dispatch.POOLS)  # skip: identity at stride 1
+    ops = pool_edge(5, stride, momentum, names).train(training)
+    ref_ops = copy.deepcopy(ops)
+    x = make_input((3, 5, 9, 7), torch.float32, 3, ties=False)
+    calls = []
+    monkeypatch.setattr(dispatch, "_pool_stats_op", lambda *a: calls.append(a) or pool_stats_reference(*a))
+    got = dispatch.edge_outputs(ops, x, names, fused=True)
+    assert len(calls) == (1 if training else 0), "training uses the one-pass statistics, eval the running ones"
+    want = dispatch.edge_outputs(ref_ops, x, names, fused=False)
+    grads = [torch.randn_like(o) for o in want]
+    dx = torch.autograd.grad(got, x, grads)[0]
+    dx_ref = torch.autograd.grad(want, x, grads)[0]
+    for a, b, name in zip(got, want, names):
+        assert_close(a, b, 1e-5, 1e-5, name)
+    assert_close(dx, dx_ref, 1e-5, 1e-5, "dL/dx")
+    for (name, a), b in zip(ref_ops.named_buffers(), ops.buffers()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_batch_norm_with_stats_refuses_an_affine_batch_norm():
+    y = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="non-affine batch norm"):
+        dispatch.batch_norm_with_stats(y, y.mean((0, 2, 3)), y.var((0, 2, 3)), nn.BatchNorm2d(3))
