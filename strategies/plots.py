@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from matplotlib.figure import Figure
+
+from supernet.runs import atomic_save_figure
 
 from .base import Strategy
 
@@ -25,14 +25,4 @@ def plot_best_reward(results: dict[str, Strategy], path: "str | Path", ylabel: s
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
-    # Write beside the target, then rename, so a reader never sees half a PNG.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_save_figure(fig, path, dpi=100)

@@ -12,6 +12,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from .runs import atomic_save_figure
 from .spaces import CellSpace
 
 
@@ -38,9 +39,7 @@ def plot_alpha_history(history: list[dict[str, list]], space: CellSpace, path: "
     fig.supxlabel("epoch")
     fig.supylabel("softmax(alpha)")
     fig.legend(lines, list(space.ops), loc="outside upper center", ncol=len(space.ops), fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    return path
+    return atomic_save_figure(fig, path, dpi=90)
 
 
 def _node_names(space: CellSpace) -> list[str]:
@@ -95,6 +94,4 @@ def plot_cell(genotype: Any, space: CellSpace, cell_type: str, path: "str | Path
     ax.set_ylim(-2.4, 2.4)
     ax.set_axis_off()
     ax.set_title(cell_type if cell_type == "cell" else f"{cell_type} cell", fontsize=10)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
+    return atomic_save_figure(fig, path, dpi=100)

@@ -42,6 +42,11 @@ def atomic_write_text(text: str, path: "str | Path") -> Path:
     return _atomic(path, lambda f: f.write(text.encode()))
 
 
+def atomic_save_figure(fig: Any, path: "str | Path", dpi: int) -> Path:
+    """A matplotlib figure as PNG, written whole (never a half-written image)."""
+    return _atomic(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+
+
 def atomic_write_json(obj: Any, path: "str | Path") -> Path:
     return atomic_write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", path)
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from matplotlib.figure import Figure
+
+from ..runs import atomic_save_figure
 
 LABELS = {"meta": "meta-learned architecture + weights", "fixed": "fixed architecture (alphas frozen)"}
 
@@ -42,8 +43,4 @@ def plot_meta_curves(histories: dict[str, dict], path: "str | Path", no_meta_val
     val_ax.set(xlabel="meta-step", ylabel="accuracy after adaptation (%)", title="meta-validation episodes")
     loss_ax.legend(fontsize=8)
     val_ax.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")  # written whole, then renamed: never a half-written PNG
-    fig.savefig(tmp, format="png", dpi=90)
-    os.replace(tmp, path)
-    return path
+    return atomic_save_figure(fig, path, dpi=90)
