@@ -10,8 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
+from supernet.cli import set_threads
 from supernet.runs import atomic_write_json
 
 from .base import Strategy, make_strategy, restore, search
@@ -74,10 +73,7 @@ def build_evaluator(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be a positive integer, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     evaluator, space, checkpoint_every = build_evaluator(args)
     out = Path(args.out)
     results: dict[str, Strategy] = {}

@@ -17,6 +17,17 @@ COMMANDS = {
 }
 
 
+def set_threads(threads: int | None) -> None:
+    """Applies a command's `--threads` option (None keeps torch's choice)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"--threads must be a positive integer, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="supernet", description="Fast one-shot neural architecture search.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
+from ..cli import set_threads
 from ..meta.learner import METHODS
 from ..meta.run import DATASETS, MetaConfig
 
@@ -70,13 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     from ..meta.run import describe, meta_learn
 
-    if args.threads < 1:
-        raise ValueError(f"--threads must be a positive integer, got {args.threads}")
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     names = [f.name for f in fields(MetaConfig) if f.init]
     options = {n: getattr(args, n) for n in names if hasattr(args, n)}  # only what was given (resume checks it)
     if "split_fractions" in options:

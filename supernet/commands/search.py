@@ -12,6 +12,7 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from ..cli import set_threads
 from ..spaces import list_spaces
 from ..trainer import METHODS, DivergenceError, SearchConfig, search
 
@@ -99,12 +100,8 @@ def _load_data_file(path: Path):
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be a positive integer, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     names = [f.name for f in fields(SearchConfig) if f.name != "data_fingerprint"]
     explicit = getattr(args, "_explicit", set())
     data = _load_data_file(args.data_file) if args.data_file is not None else None
