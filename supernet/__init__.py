@@ -5,10 +5,11 @@ from .mixing import MIXING
 from .ops import OPS
 from .search_network import SearchNetwork, SubNetwork, preserved_batchnorm, recalibrate_batchnorm
 from .spaces import DARTS_GENOTYPES, Genotype, NB201Genotype, get_space, list_spaces
+from .runs import load_run
 from .trainer import SearchConfig, SearchResult, search
 
 __version__ = "0.1.0"
 
 __all__ = ["SearchNetwork", "SubNetwork", "EvalNetwork", "Genotype", "NB201Genotype", "DARTS_GENOTYPES", "OPS",
            "MIXING", "get_space", "list_spaces", "count_parameters", "recalibrate_batchnorm",
-           "preserved_batchnorm", "search", "SearchConfig", "SearchResult", "__version__"]
+           "preserved_batchnorm", "search", "SearchConfig", "SearchResult", "load_run", "__version__"]

@@ -17,25 +17,35 @@ import numpy as np
 import torch
 
 
+def _file_mode() -> int:
+    """What the user's umask gives a new file (mkstemp alone would leave 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _atomic(path: "str | Path", write) -> Path:
+    """Writes through `write(file)` to a temporary file beside `path`, then renames it into place.
+
+    An OSError (a folder that cannot be written, a full disk) becomes a ValueError naming the file.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except OSError as err:
+        raise ValueError(f"cannot write {str(path)!r}: {err.strerror or err}") from None
+    finally:
+        if tmp is not None and Path(tmp).exists():
+            Path(tmp).unlink(missing_ok=True)
     return path
-
-
-def atomic_save(obj: Any, path: "str | Path") -> Path:
-    """torch.save that never leaves a half-written file behind."""
-    return _atomic(path, lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(text: str, path: "str | Path") -> Path:
@@ -52,11 +62,12 @@ def atomic_write_json(obj: Any, path: "str | Path") -> Path:
 
 
 # --- checkpoints ------------------------------------------------------------------------------
-# A checkpoint file is: a magic line, a JSON header line (format version, config, payload size and
-# SHA-256), then the torch.save bytes of the state. The hash catches any corruption (a truncated
-# copy, a flipped byte) before unpickling, and the config is compared without loading the payload.
+# A checkpoint file is: a magic line, a JSON header line (format version, config, payload size), a line
+# with the SHA-256 of the header line and the payload together, then the torch.save bytes of the state.
+# The hash covers every byte that decides the run, so an edited header is refused like a flipped bit;
+# the config can still be compared without unpickling the payload.
 CHECKPOINT_MAGIC = b"SUPERNET-CHECKPOINT\n"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 
 
 def _jsonable(config: Any) -> Any:
@@ -71,10 +82,10 @@ def save_checkpoint(path: "str | Path", state: dict) -> Path:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
-    header = {"version": CHECKPOINT_VERSION, "config": _jsonable(state["config"]), "size": len(payload),
-              "sha256": hashlib.sha256(payload).hexdigest()}
+    header = {"version": CHECKPOINT_VERSION, "config": _jsonable(state["config"]), "size": len(payload)}
     head = json.dumps(header, sort_keys=True).encode() + b"\n"
-    return _atomic(path, lambda f: (f.write(CHECKPOINT_MAGIC), f.write(head), f.write(payload)))
+    digest = hashlib.sha256(head + payload).hexdigest().encode() + b"\n"
+    return _atomic(path, lambda f: (f.write(CHECKPOINT_MAGIC), f.write(head), f.write(digest), f.write(payload)))
 
 
 def config_differences(saved: dict, expected: dict) -> list[str]:
@@ -101,22 +112,29 @@ def resume_config(run_dir: Path, options: dict) -> dict:
 def _read_checkpoint(path: Path) -> tuple[dict, bytes]:
     if not path.is_file():
         raise ValueError(f"no checkpoint at {str(path)!r}")
-    raw = path.read_bytes()
-    if not raw.startswith(CHECKPOINT_MAGIC):
-        raise ValueError(f"checkpoint {str(path)!r} is corrupt: it does not start with the supernet checkpoint marker")
-    end = raw.find(b"\n", len(CHECKPOINT_MAGIC))
     try:
-        header = json.loads(raw[len(CHECKPOINT_MAGIC):end])
-        size, digest = int(header["size"]), header["sha256"]
-    except (ValueError, KeyError, TypeError):
-        raise ValueError(f"checkpoint {str(path)!r} is corrupt: its header cannot be read") from None
-    if header.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"checkpoint {str(path)!r} has format version {header.get('version')!r}; "
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ValueError(f"cannot read checkpoint {str(path)!r}: {err.strerror or err}") from None
+    corrupt = f"checkpoint {str(path)!r} is corrupt"
+    if not raw.startswith(CHECKPOINT_MAGIC):
+        raise ValueError(f"{corrupt}: it does not start with the supernet checkpoint marker")
+    head_end = raw.find(b"\n", len(CHECKPOINT_MAGIC)) + 1
+    digest_end = raw.find(b"\n", head_end) + 1
+    head, digest, payload = raw[len(CHECKPOINT_MAGIC):head_end], raw[head_end:digest_end], raw[digest_end:]
+    try:
+        header = json.loads(head)
+        version = header.get("version")
+    except (ValueError, AttributeError):
+        raise ValueError(f"{corrupt}: its header cannot be read") from None
+    if version != CHECKPOINT_VERSION:
+        raise ValueError(f"checkpoint {str(path)!r} has format version {version!r}; "
                          f"this supernet reads version {CHECKPOINT_VERSION}")
-    payload = raw[end + 1:]
-    if len(payload) != size or hashlib.sha256(payload).hexdigest() != digest:
-        raise ValueError(f"checkpoint {str(path)!r} is corrupt: its contents do not match the stored checksum "
-                         f"({len(payload)} of {size} bytes present)")
+    if head_end == 0 or digest_end == 0 or hashlib.sha256(head + payload).hexdigest().encode() != digest.strip():
+        raise ValueError(f"{corrupt}: its header and contents do not match the stored checksum "
+                         f"({len(payload)} of {header.get('size')!r} payload bytes present)")
+    if not isinstance(header.get("config"), dict):
+        raise ValueError(f"{corrupt}: its header holds no config")
     return header, payload
 
 
@@ -128,7 +146,11 @@ def load_checkpoint(path: "str | Path", expected_config: dict | None = None) -> 
         diff = config_differences(header["config"], expected_config)
         if diff:
             raise ValueError(f"checkpoint {str(path)!r} was written by a different config: " + "; ".join(diff))
-    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    try:
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 (torch raises several types; its message suggests an unsafe load)
+        raise ValueError(f"checkpoint {str(path)!r} holds objects other than tensors and plain values; "
+                         "it is not loaded, since unpickling them could run code") from None
 
 
 def capture_rng_state() -> dict:
@@ -162,14 +184,53 @@ def new_run_dir(root: "str | Path", prefix: str) -> Path:
     """A fresh folder `root/prefix-YYYYmmdd-HHMMSS` (with a suffix if that exists already)."""
     root = Path(root)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for n in range(1000):
-        path = root / (f"{prefix}-{stamp}" + (f"-{n}" if n else ""))
-        try:
-            path.mkdir(parents=True)
-            return path
-        except FileExistsError:
-            continue
+    try:
+        for n in range(1000):
+            path = root / (f"{prefix}-{stamp}" + (f"-{n}" if n else ""))
+            try:
+                path.mkdir(parents=True)
+                return path
+            except FileExistsError:
+                continue
+    except OSError as err:
+        raise ValueError(f"cannot create a run folder under {str(root)!r}: {err.strerror or err}") from None
     raise ValueError(f"cannot create a new run folder under {str(root)!r}")
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(f"cannot write in run folder {str(folder)!r}: {err.strerror or err}") from None
+
+
+def open_run_dir(run_dir: "str | Path | None", out: "str | Path", prefix: str, resume: bool = False) -> Path:
+    """The folder a run writes, checked to be writable; call it after every other check of the run.
+
+    resume: `run_dir` must hold a checkpoint. Otherwise `run_dir`, if given, must be new or empty (a
+    folder holding a run, or anything else, is refused rather than overwritten); without it a new
+    folder `out/prefix-<time>` is made.
+    """
+    if resume:
+        path = Path(run_dir)
+        if not (path / CHECKPOINT).is_file():
+            raise ValueError(f"cannot resume: {str(path)!r} holds no {CHECKPOINT}")
+    elif run_dir is None:
+        path = new_run_dir(out, prefix)
+    else:
+        path = Path(run_dir)
+        if (path / CHECKPOINT).exists():
+            raise ValueError(f"run folder {str(path)!r} already holds a run; resume it or choose another folder")
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise ValueError(f"run folder {str(path)!r} exists and is not an empty folder; choose a new one")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"cannot create run folder {str(path)!r}: {err.strerror or err}") from None
+    _check_writable(path)
+    return path
 
 
 class RunLog:
@@ -177,11 +238,13 @@ class RunLog:
 
     def __init__(self, path: "str | Path") -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, message: str) -> None:
-        with open(self.path, "a") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+        except OSError as err:
+            raise ValueError(f"cannot write {str(self.path)!r}: {err.strerror or err}") from None
 
 
 def library_versions() -> dict[str, str]:

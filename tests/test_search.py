@@ -160,7 +160,7 @@ def test_corrupt_or_foreign_checkpoints_are_refused(finished, tmp_path):
     raw = bytearray(checkpoint.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     checkpoint.write_bytes(bytes(raw))
-    with pytest.raises(ValueError, match="is corrupt: its contents do not match the stored checksum"):
+    with pytest.raises(ValueError, match="is corrupt: its header and contents do not match the stored checksum"):
         supernet.search(resume=run_dir)
     checkpoint.write_bytes(bytes(raw[:1000]))
     with pytest.raises(ValueError, match="is corrupt"):
