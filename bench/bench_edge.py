@@ -1,11 +1,9 @@
 """Microbenchmark of one edge's candidates (every DARTS op but `none`, or the NB201 ops), forward+backward:
-each candidate on its own (reference) against the fused path with each conv fusion mode.
+each candidate on its own (reference) against the fused path (both pools from one pass, one shared ReLU).
 
     python bench/bench_edge.py [--device cpu|cuda] [--quick]
 
-This is the measurement behind CONV_FUSION in supernet/dispatch.py: "shared_relu" (ReLU once, each
-candidate's convolutions separately) against "horizontal" (5x5-footprint multiplier depthwise conv,
-grouped pointwise conv, one batch norm). On a GPU torch.compile of the reference is a third provider.
+On a GPU torch.compile of the reference is a third provider.
 """
 
 from __future__ import annotations
@@ -39,18 +37,11 @@ def run(device: str, cases, channels_last: bool = False) -> list[dict]:
         x = torch.randn(n, c, side, side, device=device).to(memory_format=memory_format).requires_grad_()
         case = f"{space_name},{n}x{c}x{side}x{side},s{stride}" + (",cl" if channels_last else "")
 
-        def step(fused: bool, mode: str | None = None, ops=ops, x=x, names=names):
-            saved = dict(dispatch.CONV_FUSION)
-            if mode:
-                dispatch.CONV_FUSION[x.device.type] = mode
-            try:
-                outs = dispatch.edge_outputs(ops, x, names, fused)
-            finally:
-                dispatch.CONV_FUSION.update(saved)
+        def step(fused: bool, ops=ops, x=x, names=names):
+            outs = dispatch.edge_outputs(ops, x, names, fused)
             torch.autograd.grad(sum(o.sum() for o in outs), [x, *ops.parameters()])
 
-        provs = {"reference": lambda: step(False), "fused:shared_relu": lambda: step(True, "shared_relu"),
-                 "fused:horizontal": lambda: step(True, "horizontal")}
+        provs = {"reference": lambda: step(False), "fused": lambda: step(True)}
         if device == "cuda":
             provs["torch.compile"] = _compiled_edge(ops, x, names)
         for name, fn in provs.items():

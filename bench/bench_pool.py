@@ -3,9 +3,10 @@ batch norm DARTS puts after them): reference (two PyTorch pools) against the fus
 
     python bench/bench_pool.py [--device cpu|cuda] [--quick]
 
-Providers: reference | torch.compile | triton on a GPU, reference | fused on the CPU (where the fused
-path is the reference: the dispatch keeps PyTorch's pools there). With the training-mode batch norms:
-reference+bn (two pools, two nn.BatchNorm2d) | fused+bn (the statistics op, then only the normalisation;
+Providers: reference | torch.compile | triton on a GPU, reference | fused on the CPU. "fused"/"triton" is
+the kernel's wrapper (`kernels.pool_candidates.pool_candidates`): on the CPU its op runs PyTorch's two pools,
+which is why the fused edge calls those pools directly there. With the training-mode batch norms:
+reference+bn (two pools, two nn.BatchNorm2d) | fused+bn (the statistics wrapper, then only the normalisation;
 Triton on a GPU, PyTorch's pools and var_mean on the CPU: the measurement behind POOL_BN_FUSION).
 GB/s counts reading x once and writing both pooled outputs (forward), and reading x and both gradients,
 writing dL/dx (backward), for all providers.
@@ -21,8 +22,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import kernel_bench_main, measure  # noqa: E402
+from kernels import pool_candidates as kernel  # noqa: E402
 from kernels.pool_candidates import pool_candidates_reference  # noqa: E402
-from supernet import dispatch  # noqa: E402
+from supernet.batch_norm import batch_norm_with_stats  # noqa: E402
 
 # (batch, channels, side, stride): DARTS search at the small CPU config and the paper config.
 CPU_CASES = [(32, 8, 16, 1), (32, 8, 16, 2), (64, 16, 32, 1)]
@@ -31,8 +33,7 @@ GPU_CASES = [(64, 16, 32, 1), (64, 16, 32, 2), (256, 64, 32, 1)]
 
 def run(device: str, cases, modes=("forward", "backward", "full")) -> list[dict]:
     rows = []
-    fused = dispatch._pool_op if device == "cuda" else dispatch.pool_candidates
-    provs = {"reference": pool_candidates_reference, "fused" if device == "cpu" else "triton": fused}
+    provs = {"reference": pool_candidates_reference, "fused" if device == "cpu" else "triton": kernel.pool_candidates}
     if device == "cuda":
         provs["torch.compile"] = torch.compile(pool_candidates_reference)
     provs["reference+bn"] = _with_batch_norm(device, lambda x, stride, bns: tuple(
@@ -56,8 +57,8 @@ def _with_batch_norm(device, pools_and_norms):
 
 
 def _fused_batch_norm(x, stride, bns):
-    avg, mx, mean, var = dispatch._pool_stats_op(x, stride)
-    return tuple(dispatch.batch_norm_with_stats(y, mean[k], var[k], bn) for k, (y, bn) in enumerate(zip((avg, mx), bns)))
+    avg, mx, mean, var = kernel.pool_stats(x, stride)
+    return tuple(batch_norm_with_stats(y, mean[k], var[k], bn) for k, (y, bn) in enumerate(zip((avg, mx), bns)))
 
 
 def _case(device, provs, n, c, side, stride, modes) -> list[dict]:

@@ -3,7 +3,7 @@ against fused=True, for each space and mixing rule.
 
     python bench/bench_step.py [--device cpu|cuda] [--quick] [--paper]
 
-Default sizes are the small CPU config of /work/shared/notes/cpu-measurements.md (C=8, 5 layers,
+Default sizes are the small CPU config of shared/notes/cpu-measurements.md (C=8, 5 layers,
 batch 32, 16x16 for darts; C=8, N=1, batch 32, 16x16 for nb201); --paper uses C=16, 8 layers,
 batch 64, 32x32. On a GPU, torch.compile of the fused network is a third provider.
 """

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNEL_TESTS = ["tests/test_kernels_mixed_sum.py", "tests/test_kernels_pool.py", "tests/test_kernels_conv.py",
+KERNEL_TESTS = ["tests/test_kernels_mixed_sum.py", "tests/test_kernels_pool.py", "tests/test_kernels_edge.py",
                 "tests/test_kernels_network.py", "tests/test_kernels_aot.py"]
 # Published HBM bandwidth (GB/s) by device-name fragment; the measured copy bandwidth is shown next to it.
 HBM_GB_S = {"H200": 4800, "H100 SXM": 3350, "H100 PCIe": 2000, "H100": 3350, "A100-SXM4-80GB": 2039,

@@ -4,23 +4,22 @@ Each strategy searches on `cifar10-val` with budgets of 100 and 300 evaluations 
 chosen cell (highest `cifar10-val` in the history) is reported by its `cifar10-test` accuracy and its
 regret against the best `cifar10-test` cell of the table (mean and standard deviation over seeds).
 
-    python bench/nb201_strategies.py --data $SUPERNET_DATA/nb201/nb201_12epoch.csv --seeds 100
+    python bench/nb201_strategies.py --seeds 100        # the table shipped with the package; --data CSV for another
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 import torch
 
 from strategies import list_strategies, make_strategy, search
 from strategies.evaluators import TabularBenchmark, TabularEvaluator
+from supernet import checks
 
 ORDER = ["random", "evolution", "reinforce", "qlearning"]
 _TABLE: dict[str, TabularBenchmark] = {}
@@ -42,18 +41,12 @@ def run_one(path: str, name: str, budget: int, seed: int, search_metric: str, re
     return chosen.arch, table.rows[chosen.arch][report_metric], time.perf_counter() - start
 
 
-def main(argv: list[str] | None = None) -> int:
-    default_data = Path(os.environ.get("SUPERNET_DATA", "")) / "nb201" / "nb201_12epoch.csv"
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(default_data), help="the nb201_12epoch.csv table")
-    parser.add_argument("--seeds", type=int, default=100)
-    parser.add_argument("--budgets", type=int, nargs="+", default=[100, 300])
-    parser.add_argument("--strategies", nargs="+", default=ORDER, choices=list_strategies())
-    parser.add_argument("--search-metric", default="cifar10-val")
-    parser.add_argument("--report-metric", default="cifar10-test")
-    parser.add_argument("--workers", type=int, default=2)
-    args = parser.parse_args(argv)
-
+def compare(args: argparse.Namespace) -> None:
+    """Prints the comparison table the arguments describe."""
+    checks.integer("--seeds", args.seeds, minimum=2)  # a standard deviation needs two seeds
+    checks.integer("--workers", args.workers)
+    for budget in args.budgets:
+        checks.integer("--budgets", budget)
     table = _table(args.data)
     table.check_metric(args.search_metric)
     table.check_metric(args.report_metric)
@@ -78,6 +71,22 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {name} | {budget} | {args.seeds} | {statistics.mean(values):.2f} ± "
                       f"{statistics.stdev(values):.2f} | {statistics.mean(regrets):.2f} ± {statistics.stdev(regrets):.2f} "
                       f"| {found}/{args.seeds} | {seconds:.3f} |", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="nb201", help="the 12-epoch table: 'nb201' (shipped) or a CSV path")
+    parser.add_argument("--seeds", type=int, default=100)
+    parser.add_argument("--budgets", type=int, nargs="+", default=[100, 300])
+    parser.add_argument("--strategies", nargs="+", default=ORDER, choices=list_strategies())
+    parser.add_argument("--search-metric", default="cifar10-val")
+    parser.add_argument("--report-metric", default="cifar10-test")
+    parser.add_argument("--workers", type=int, default=2)
+    try:
+        compare(parser.parse_args(argv))
+    except ValueError as err:  # bad input: one clear line, no stack trace
+        print(f"nb201_strategies: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import backend
 from ._alloc import empty
 
 # Elements per program. Large blocks amortise the K address loads; not yet tuned on a GPU:
@@ -124,7 +125,7 @@ def common_dtype(outputs: Sequence[torch.Tensor]) -> torch.dtype:
     return functools.reduce(torch.promote_types, (o.dtype for o in outputs))
 
 
-def _prepared(outputs: Sequence[torch.Tensor], weights: torch.Tensor | None):
+def _check(outputs: Sequence[torch.Tensor], weights: torch.Tensor | None) -> None:
     if len(outputs) == 0:
         raise ValueError("mixed_sum needs at least one candidate output, got an empty list")
     shape = outputs[0].shape
@@ -133,6 +134,11 @@ def _prepared(outputs: Sequence[torch.Tensor], weights: torch.Tensor | None):
             raise ValueError(f"mixed_sum candidate {k} has shape {tuple(o.shape)}; expected {tuple(shape)}")
     if weights is not None and weights.shape != (len(outputs),):
         raise ValueError(f"mixed_sum weights have shape {tuple(weights.shape)}; expected ({len(outputs)},)")
+
+
+def _prepared(outputs: Sequence[torch.Tensor], weights: torch.Tensor | None):
+    _check(outputs, weights)
+    shape = outputs[0].shape
     dtype = common_dtype(outputs)
     flat = [o.to(dtype).contiguous().view(-1) for o in outputs]
     table = torch.tensor([o.data_ptr() for o in flat], dtype=torch.int64)
@@ -175,23 +181,102 @@ def mixed_sum_backward(outputs: Sequence[torch.Tensor], weights: torch.Tensor | 
     return grad_outputs, grad_weights
 
 
+def mixed_sum_cpu_forward(outputs: Sequence[torch.Tensor], weights: torch.Tensor | None) -> torch.Tensor:
+    """The CPU forward: accumulates in place, so there are no per-term temporaries for autograd to keep."""
+    dtype = common_dtype(outputs)
+    if weights is None:
+        total = outputs[0].to(dtype, copy=True)
+        for o in outputs[1:]:
+            total.add_(o)
+        return total
+    total = outputs[0].to(dtype) * weights[0]
+    for k in range(1, len(outputs)):
+        total.addcmul_(outputs[k], weights[k])
+    return total
+
+
+def mixed_sum_cpu_backward(outputs: Sequence[torch.Tensor], weights: torch.Tensor | None, grad: torch.Tensor,
+                           need_weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU backward: (gradients of the candidates stacked as (K, *shape), weight gradient or an empty tensor)."""
+    dtype = common_dtype(outputs)
+    g = grad.to(dtype)
+    k = len(outputs)
+    if weights is None:
+        grad_outputs = g.expand(k, *g.shape).clone()
+    else:
+        grad_outputs = weights.to(dtype).view(k, *([1] * g.dim())) * g
+    if not (need_weight_grad and weights is not None):
+        return grad_outputs, g.new_empty(0)
+    acc = torch.promote_types(dtype, torch.float32)  # half precision sums in fp32
+    flat_g = g.reshape(-1).to(acc)
+    grad_weights = torch.stack([torch.dot(o.reshape(-1).to(acc), flat_g) for o in outputs]).to(weights.dtype)
+    return grad_outputs, grad_weights
+
+
+# --- the custom ops (what torch.compile traces) and the one autograd wrapper over them ---------------
+@torch.library.custom_op("supernet::mixed_sum", mutates_args=())
+def mixed_sum_op(outputs: list[torch.Tensor], weights: torch.Tensor | None) -> torch.Tensor:
+    """sum_k weights[k] * outputs[k]: the Triton kernel on CUDA, the in-place accumulation on the CPU."""
+    if backend.uses_triton(outputs[0]):
+        return mixed_sum_forward(outputs, weights)
+    return mixed_sum_cpu_forward(outputs, weights)
+
+
+@mixed_sum_op.register_fake
+def _(outputs, weights):
+    return outputs[0].new_empty(outputs[0].shape, dtype=common_dtype(outputs))
+
+
+@torch.library.custom_op("supernet::mixed_sum_backward", mutates_args=())
+def mixed_sum_backward_op(outputs: list[torch.Tensor], weights: torch.Tensor | None, grad: torch.Tensor,
+                          need_weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward of mixed_sum as one op: (candidate gradients (K, *shape), weight gradient or empty)."""
+    if backend.uses_triton(outputs[0]):
+        grad_outputs, grad_weights = mixed_sum_backward(outputs, weights, grad, need_weight_grad)
+        return grad_outputs, grad_weights if grad_weights is not None else grad.new_empty(0, dtype=grad_outputs.dtype)
+    return mixed_sum_cpu_backward(outputs, weights, grad, need_weight_grad)
+
+
+@mixed_sum_backward_op.register_fake
+def _(outputs, weights, grad, need_weight_grad):
+    dtype = common_dtype(outputs)
+    k = len(outputs)
+    grad_outputs = grad.new_empty((k, *grad.shape), dtype=dtype)
+    if not (need_weight_grad and weights is not None):
+        return grad_outputs, grad.new_empty(0, dtype=dtype)
+    return grad_outputs, weights.new_empty((k,))
+
+
+def _direct(x: torch.Tensor) -> bool:
+    """Eager CPU calls skip the custom op's dispatch, which costs more than the sum at search sizes."""
+    return not (backend.uses_triton(x) or torch.compiler.is_compiling())
+
+
 class MixedSum(torch.autograd.Function):
-    """Autograd over the Triton kernels (tests and benchmarks; the network goes through dispatch)."""
+    """The autograd wrapper of mixed_sum: the network and the tests call it through `mixed_sum`."""
 
     @staticmethod
     def forward(ctx, weights: torch.Tensor | None, *outputs: torch.Tensor) -> torch.Tensor:
+        ctx.need_weight_grad = weights is not None and ctx.needs_input_grad[0]
         ctx.save_for_backward(weights, *outputs)
-        return mixed_sum_forward(outputs, weights)
+        if _direct(outputs[0]):
+            return mixed_sum_cpu_forward(outputs, weights)
+        return mixed_sum_op(list(outputs), weights)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         weights, *outputs = ctx.saved_tensors
-        grad_outputs, grad_weights = mixed_sum_backward(outputs, weights, grad, ctx.needs_input_grad[0])
-        return (grad_weights, *(go.to(o.dtype) for go, o in zip(grad_outputs, outputs)))
+        if _direct(outputs[0]):
+            grad_outputs, grad_weights = mixed_sum_cpu_backward(outputs, weights, grad, ctx.need_weight_grad)
+        else:
+            grad_outputs, grad_weights = mixed_sum_backward_op(outputs, weights, grad, ctx.need_weight_grad)
+        grads = (g.to(o.dtype) for g, o in zip(grad_outputs.unbind(0), outputs))
+        return (grad_weights if ctx.need_weight_grad else None, *grads)
 
 
-def mixed_sum_triton(outputs: Sequence[torch.Tensor], weights: torch.Tensor | None) -> torch.Tensor:
-    """Differentiable Triton mixed sum."""
+def mixed_sum(outputs: Sequence[torch.Tensor], weights: torch.Tensor | None) -> torch.Tensor:
+    """Differentiable sum_k weights[k] * outputs[k] (a plain sum when weights is None), accumulated in fp32."""
+    _check(outputs, weights)
     return MixedSum.apply(weights, *outputs)
 
 

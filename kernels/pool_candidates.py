@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from einops import rearrange
 
+from . import backend
 from ._alloc import empty
 
 BLOCK = 256  # output elements per program; small images (8-32 a side) keep programs busy
@@ -47,6 +49,11 @@ def pool_stats_reference(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, ..
     return avg, mx, torch.stack([m for _, m in var_mean]), torch.stack([v for v, _ in var_mean])
 
 
+def per_channel(values: torch.Tensor) -> torch.Tensor:
+    """A (C,) tensor shaped to broadcast over (N, C, H, W)."""
+    return rearrange(values, "c -> 1 c 1 1")
+
+
 def fold_stats_grad(y: torch.Tensor, mean: torch.Tensor, grad_y: torch.Tensor | None, grad_mean: torch.Tensor | None,
                     grad_var: torch.Tensor | None) -> torch.Tensor | None:
     """dL/dy given the gradients reaching y directly and through its channel mean and biased variance."""
@@ -56,9 +63,9 @@ def fold_stats_grad(y: torch.Tensor, mean: torch.Tensor, grad_y: torch.Tensor | 
     acc = torch.promote_types(y.dtype, torch.float32)
     g = grad_y.to(acc) if grad_y is not None else torch.zeros_like(y, dtype=acc)
     if grad_mean is not None:
-        g = g + (grad_mean.to(acc) / count).view(1, -1, 1, 1)
+        g = g + per_channel(grad_mean.to(acc) / count)
     if grad_var is not None:
-        g = g + (y.to(acc) - mean.to(acc).view(1, -1, 1, 1)) * (2.0 * grad_var.to(acc) / count).view(1, -1, 1, 1)
+        g = g + (y.to(acc) - per_channel(mean.to(acc))) * per_channel(2.0 * grad_var.to(acc) / count)
     return g.to(y.dtype)
 
 
@@ -269,54 +276,108 @@ def pool_stats_forward(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, ...]
     return avg, mx, *(t.to(acc) for t in finish_stats(part, ho * wo, block))
 
 
-def pool_stats_backward(x: torch.Tensor, stride: int, avg: torch.Tensor, mx: torch.Tensor, mean: torch.Tensor,
-                        grads: tuple) -> torch.Tensor:
-    """The Triton backward with statistics: dL/dx from the gradients of (avg, max, mean, var), any of them None."""
-    g_avg, g_max, g_mean, g_var = grads
-    g_avg = fold_stats_grad(avg, mean[0], g_avg, *(g[0] if g is not None else None for g in (g_mean, g_var)))
-    g_max = fold_stats_grad(mx, mean[1], g_max, *(g[1] if g is not None else None for g in (g_mean, g_var)))
-    return pool_candidates_backward(x, stride, g_avg, g_max)
+# --- the custom ops (what torch.compile traces) and the one autograd wrapper over each --------------
+def _pooled_shape(x: torch.Tensor, stride: int) -> tuple[int, int, int, int]:
+    n, c, h, w = x.shape
+    return n, c, pooled_size(h, stride), pooled_size(w, stride)
 
 
-class PoolStats(torch.autograd.Function):
-    """Autograd over the statistics kernel; saves x, both pools and the means."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, stride: int):
-        avg, mx, mean, var = pool_stats_forward(x, stride)
-        ctx.save_for_backward(x, avg, mx, mean)
-        ctx.stride = stride
-        return avg, mx, mean, var
-
-    @staticmethod
-    def backward(ctx, *grads):
-        x, avg, mx, mean = ctx.saved_tensors
-        return pool_stats_backward(x, ctx.stride, avg, mx, mean, grads), None
+@torch.library.custom_op("supernet::pool_candidates", mutates_args=())
+def pool_candidates_op(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(avg pool, max pool): one Triton pass over x on CUDA, PyTorch's two pools on the CPU (faster there)."""
+    if backend.uses_triton(x):
+        return pool_candidates_forward(x, stride)
+    return pool_candidates_reference(x, stride)
 
 
-def pool_stats_triton(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, ...]:
-    """Differentiable Triton (avg pool, max pool, mean, var), mean and var per pool and channel."""
-    return PoolStats.apply(x, stride)
+@pool_candidates_op.register_fake
+def _(x, stride):
+    shape = _pooled_shape(x, stride)
+    return x.new_empty(shape), x.new_empty(shape)
+
+
+@torch.library.custom_op("supernet::pool_candidates_stats", mutates_args=())
+def pool_stats_op(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(avg pool, max pool, mean, biased var), mean and var (2, C) in at least fp32: both pools' batch statistics."""
+    if backend.uses_triton(x):
+        return pool_stats_forward(x, stride)
+    return pool_stats_reference(x, stride)
+
+
+@pool_stats_op.register_fake
+def _(x, stride):
+    shape = _pooled_shape(x, stride)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    c = x.shape[1]
+    return x.new_empty(shape), x.new_empty(shape), x.new_empty((2, c), dtype=acc), x.new_empty((2, c), dtype=acc)
+
+
+@torch.library.custom_op("supernet::pool_candidates_backward", mutates_args=())
+def pool_backward_op(x: torch.Tensor, stride: int, grad_avg: torch.Tensor, grad_max: torch.Tensor) -> torch.Tensor:
+    """dL/dx of both pools; the max pool's argmax is recomputed from x."""
+    if backend.uses_triton(x):
+        return pool_candidates_backward(x, stride, grad_avg, grad_max)
+    dx = torch.ops.aten.avg_pool2d_backward(grad_avg, x, [3, 3], [stride, stride], [1, 1], False, False, None)
+    _, index = torch.ops.aten.max_pool2d_with_indices(x, [3, 3], [stride, stride], [1, 1])
+    return dx + torch.ops.aten.max_pool2d_with_indices_backward(grad_max, x, [3, 3], [stride, stride], [1, 1],
+                                                                 [1, 1], False, index)
+
+
+@pool_backward_op.register_fake
+def _(x, stride, grad_avg, grad_max):
+    return torch.empty_like(x)
 
 
 class PoolCandidates(torch.autograd.Function):
-    """Autograd over the Triton kernels; saves x only and recomputes the argmax in backward."""
+    """The autograd wrapper of the two pools; saves x only and recomputes the argmax in backward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, stride: int):
         ctx.save_for_backward(x)
         ctx.stride = stride
-        return pool_candidates_forward(x, stride)
+        return pool_candidates_op(x, stride)
 
     @staticmethod
     def backward(ctx, grad_avg: torch.Tensor | None, grad_max: torch.Tensor | None):
         (x,) = ctx.saved_tensors
-        return pool_candidates_backward(x, ctx.stride, grad_avg, grad_max), None
+        shape = _pooled_shape(x, ctx.stride)
+        grad_avg = grad_avg if grad_avg is not None else x.new_zeros(shape)
+        grad_max = grad_max if grad_max is not None else x.new_zeros(shape)
+        return pool_backward_op(x, ctx.stride, grad_avg, grad_max), None
 
 
-def pool_candidates_triton(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable Triton (avg pool, max pool)."""
+class PoolStats(torch.autograd.Function):
+    """The autograd wrapper of the two pools with their batch statistics; folds the statistics' gradients
+    into the pools' and runs the pools' backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, stride: int):
+        avg, mx, mean, var = pool_stats_op(x, stride)
+        ctx.save_for_backward(x, avg, mx, mean)
+        ctx.stride = stride
+        return avg, mx, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_avg, grad_max, grad_mean, grad_var):
+        x, avg, mx, mean = ctx.saved_tensors
+        pick = [(g[k] if g is not None else None) for k in (0, 1) for g in (grad_mean, grad_var)]
+        grad_avg = fold_stats_grad(avg, mean[0], grad_avg, pick[0], pick[1])
+        grad_max = fold_stats_grad(mx, mean[1], grad_max, pick[2], pick[3])
+        grad_avg = grad_avg if grad_avg is not None else torch.zeros_like(avg)
+        grad_max = grad_max if grad_max is not None else torch.zeros_like(mx)
+        return pool_backward_op(x, ctx.stride, grad_avg, grad_max), None
+
+
+def pool_candidates(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable (3x3 avg pool without padding in the count, 3x3 max pool), padding 1."""
+    _check(x, stride)
     return PoolCandidates.apply(x, stride)
+
+
+def pool_stats(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, ...]:
+    """Differentiable (avg pool, max pool, mean, biased var), mean and var (2, C) per pool and channel."""
+    _check(x, stride)
+    return PoolStats.apply(x, stride)
 
 
 def aot_specs() -> list[tuple]:

@@ -9,6 +9,7 @@ strategy alike, and a checkpoint that does not match its strategy fails loudly.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import random
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from supernet import checks
 from supernet.registry import Registry
 from supernet.runs import atomic_write_json
 from supernet.spaces import CellSpace, get_space
@@ -57,8 +59,7 @@ class Strategy(ABC):
     name: str
 
     def __init__(self, space: "str | CellSpace", budget: int, seed: int = 0) -> None:
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-            raise ValueError(f"budget must be a positive number of evaluations, got {budget!r}")
+        checks.integer("budget", budget)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         self.space = get_space(space)
@@ -71,6 +72,7 @@ class Strategy(ABC):
     # --- protocol -------------------------------------------------------------------------------
     @property
     def done(self) -> bool:
+        """Whether the budget of evaluations is spent."""
         return len(self.history) >= self.budget
 
     def ask(self) -> Any:
@@ -128,6 +130,7 @@ class Strategy(ABC):
 
     # --- checkpoints ----------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
+        """Everything a checkpoint needs to rebuild this strategy: class, space, budget, seed, config, history."""
         return {"version": CHECKPOINT_VERSION, "strategy": self.name, "space": self.space.name,
                 "budget": self.budget, "seed": self.seed, "config": self.config(),
                 "history": [asdict(t) for t in self.history]}
@@ -150,10 +153,12 @@ class Strategy(ABC):
 def make_strategy(name: str, space: "str | CellSpace", budget: int, seed: int = 0, **config: Any) -> Strategy:
     """A registered strategy by name."""
     cls = STRATEGIES.get(name)
+    # Only option names are checked here: a TypeError raised inside the constructor is a bug, not bad input.
     try:
-        return cls(space, budget, seed, **config)
+        inspect.signature(cls).bind(space, budget, seed, **config)
     except TypeError as err:
         raise ValueError(f"bad options for strategy {name!r}: {err}") from None
+    return cls(space, budget, seed, **config)
 
 
 def restore(checkpoint: "str | Path | dict", space: "str | CellSpace | None" = None,
@@ -188,17 +193,22 @@ def search(strategy: Strategy, evaluate: Callable[[Any], Evaluation], checkpoint
 
     With `checkpoint`, the history is saved every `checkpoint_every` evaluations and at the end.
     """
-    if checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
+    checks.integer("checkpoint_every", checkpoint_every)
+    checks.optional_integer("max_evaluations", max_evaluations, minimum=0)
     made = 0
-    while not strategy.done and (max_evaluations is None or made < max_evaluations):
-        genotype = strategy.ask()
-        start = time.perf_counter()
-        result = evaluate(genotype)
-        strategy.tell(genotype, result.reward, result.metrics, time.perf_counter() - start)
-        made += 1
-        if checkpoint is not None and made % checkpoint_every == 0:
+    try:
+        while not strategy.done and (max_evaluations is None or made < max_evaluations):
+            genotype = strategy.ask()
+            start = time.perf_counter()
+            result = evaluate(genotype)
+            strategy.tell(genotype, result.reward, result.metrics, time.perf_counter() - start)
+            made += 1
+            if checkpoint is not None and made % checkpoint_every == 0:
+                strategy.save(checkpoint)
+    except KeyboardInterrupt:  # keep every told trial, so --resume loses nothing
+        if checkpoint is not None:
             strategy.save(checkpoint)
+        raise
     if checkpoint is not None:
         strategy.save(checkpoint)
     return strategy

@@ -1,17 +1,20 @@
 """`supernet sample`: run strategies over a trained supernet run folder or a tabular benchmark.
 
-Writes, under --out: `<strategy>.json` (the checkpoint: config and full history, resumable with
---resume), `best_reward.png` (best reward against evaluations, one line per strategy) and
-`summary.json` (each strategy's best trial, and the Pareto front when a cost metric is known).
+Writes, in the sample folder (--out, or a new `samples/sample-<time>`): `<strategy>.json` (the
+checkpoint: config and full history, resumable with --resume), `best_reward.png` (best reward against
+evaluations, one line per strategy) and `summary.json` (each strategy's best trial, and the Pareto
+front when a cost metric is known).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+from supernet import checks, runs
 from supernet.cli import set_threads
-from supernet.runs import atomic_write_json
+from supernet.commands.search import _load_data_file
 
 from .base import Strategy, make_strategy, restore, search
 from .evaluators import SupernetEvaluator, TabularBenchmark, TabularEvaluator, load_supernet
@@ -22,23 +25,31 @@ ORDER = ("random", "evolution", "reinforce", "qlearning")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the options of `supernet sample`."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--benchmark", metavar="CSV",
-                        help="a tabular benchmark: 'arch' column plus one column per metric (nb201_12epoch.csv)")
+                        help="a tabular benchmark: 'nb201' (the 12-epoch NAS-Bench-201 table shipped with supernet) "
+                             "or a CSV path with an 'arch' column plus one column per metric")
     source.add_argument("--run", metavar="RUN_DIR", help="a trained supernet run folder from 'supernet search'")
+    parser.add_argument("--data-file", type=Path, default=None,
+                        help="with --run: the torch file of (images, labels) the run was searched on "
+                             "('supernet search --data-file')")
     parser.add_argument("--space", default="nb201", help="search space of the benchmark table")
     parser.add_argument("--metric", default=None,
                         help="reward metric (default: cifar10-val for a benchmark, accuracy for a run)")
     parser.add_argument("--strategy", nargs="+", default=list(ORDER), help=f"strategies to run, from {list(ORDER)}")
     parser.add_argument("--budget", type=int, default=100, help="evaluations per strategy")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="samples", help="output folder")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="sample folder, new or empty (default: a new samples/sample-<time>)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
-    parser.add_argument("--latency-table", metavar="CSV", help="per-device latency table (nb201_latency.csv format)")
+    parser.add_argument("--quiet", action="store_true", help="no per-strategy lines")
+    parser.add_argument("--latency-table", metavar="CSV",
+                        help="per-device latency table: 'nb201-latency' (shipped) or a CSV path in its format")
     parser.add_argument("--cost", default=None,
                         help="cost metric for the reward target and Pareto front (e.g. raspi4_ms, latency_ms, params)")
     parser.add_argument("--target", type=float, default=None,
-                        help="cost target: reward = metric * (cost / target) ** weight (MnasNet)")
+                        help="cost target, a positive cost value: reward = metric * (cost / target) ** weight (MnasNet)")
     parser.add_argument("--weight", type=float, default=-0.07, help="exponent of the cost term")
     parser.add_argument("--hard", action="store_true", help="apply the cost term only above the target")
     parser.add_argument("--heldout", default="val", choices=["val", "test"],
@@ -51,10 +62,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_evaluator(args: argparse.Namespace):
-    """The evaluator the arguments describe, and how often to checkpoint under it."""
+    """The evaluator the arguments describe, its space, and how often to checkpoint under it."""
+    if args.target is not None:
+        if args.cost is None:
+            raise ValueError("--target needs --cost, the metric the target applies to")
+        checks.number("--target (a cost value)", args.target, positive=True)
+    checks.number("--weight", args.weight)
+    if args.data_file is not None and not args.run:
+        raise ValueError("--data-file goes with --run (the tensors that run was searched on)")
     tables = [TabularBenchmark.load(args.latency_table, args.space)] if args.latency_table else []
-    if args.target is not None and args.cost is None:
-        raise ValueError("--target needs --cost, the metric the target applies to")
     if args.benchmark:
         table = TabularBenchmark.load(args.benchmark, args.space)
         for extra in tables:
@@ -62,38 +78,65 @@ def build_evaluator(args: argparse.Namespace):
         metric = table.check_metric(args.metric or "cifar10-val")
         if args.cost is not None:
             table.check_metric(args.cost)
-        reward = TargetReward(metric, args.cost, args.target, args.weight, args.hard) if args.target else metric
+        reward = metric if args.target is None else TargetReward(metric, args.cost, args.target, args.weight, args.hard)
         return TabularEvaluator(table, reward), args.space, 50
-    network, train, heldout = load_supernet(args.run, args.heldout)
+    checks.integer("--bn-batches", args.bn_batches)
+    data = _load_data_file(args.data_file) if args.data_file is not None else None
+    network, train, heldout = load_supernet(args.run, args.heldout, data=data)
     metric = args.metric or "accuracy"
-    reward = TargetReward(metric, args.cost, args.target, args.weight, args.hard) if args.target else metric
+    reward = metric if args.target is None else TargetReward(metric, args.cost, args.target, args.weight, args.hard)
     evaluator = SupernetEvaluator(network, train, heldout, args.bn_batches, reward, args.measure_latency,
                                   tables=tables)
     return evaluator, network.space, 1
 
 
-def run(args: argparse.Namespace) -> int:
-    set_threads(args.threads)
-    evaluator, space, checkpoint_every = build_evaluator(args)
-    out = Path(args.out)
-    results: dict[str, Strategy] = {}
+def build_strategies(args: argparse.Namespace, space) -> dict[str, Strategy]:
+    """Each named strategy: new, or (with --resume) restored from its checkpoint in --out."""
+    if args.resume:
+        if args.out is None or not args.out.is_dir():
+            raise ValueError(f"--resume needs --out, the sample folder to continue; got {args.out}")
+        if not any((args.out / f"{name}.json").is_file() for name in args.strategy):
+            raise ValueError(f"cannot resume: {str(args.out)!r} holds none of "
+                             f"{[f'{name}.json' for name in args.strategy]}")
+    strategies = {}
     for name in args.strategy:
-        checkpoint = out / f"{name}.json"
+        checkpoint = None if args.out is None else args.out / f"{name}.json"
         if args.resume and checkpoint.is_file():
             strategy = restore(checkpoint, space, args.budget)
             if strategy.name != name:
                 raise ValueError(f"{checkpoint} holds a {strategy.name!r} search, not {name!r}")
         else:
             strategy = make_strategy(name, space, args.budget, args.seed)
-        search(strategy, evaluator, checkpoint, checkpoint_every)
-        results[name] = strategy
-        best = strategy.best()
-        print(f"{name}: best reward {best.reward:.4f} after {len(strategy.history)} evaluations: {best.arch}")
-    plot_best_reward(results, out / "best_reward.png")
-    summary = {"best": {name: vars(s.best()) for name, s in results.items()}}
+        strategies[name] = strategy
+    return strategies
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs `supernet sample`: checks everything, then opens the sample folder and searches."""
+    set_threads(args.threads)
+    checks.integer("--budget", args.budget)
+    evaluator, space, checkpoint_every = build_evaluator(args)
+    strategies = build_strategies(args, space)
+    # Every check is done: only now is the sample folder made (no junk folder from a bad option).
+    out = args.out if args.resume else runs.open_run_dir(args.out, "samples", "sample")
+    if not args.quiet:
+        print(f"sample folder: {out}")
+    try:
+        for name, strategy in strategies.items():
+            search(strategy, evaluator, out / f"{name}.json", checkpoint_every)
+            if not args.quiet:
+                best = strategy.best()
+                print(f"{name}: best reward {best.reward:.4f} after {len(strategy.history)} evaluations: {best.arch}")
+    except KeyboardInterrupt:
+        print(f"\nsupernet sample: interrupted; continue with the same options and --resume --out {out}",
+              file=sys.stderr)
+        return 130
+    plot_best_reward(strategies, out / "best_reward.png")
+    summary = {"best": {name: vars(s.best()) for name, s in strategies.items()}}
     if args.cost is not None:
-        trials = [t for s in results.values() for t in s.history]
+        trials = [t for s in strategies.values() for t in s.history]
         summary["pareto_front"] = [vars(t) for t in pareto_front(trials, {"reward": "max", args.cost: "min"})]
-    atomic_write_json(summary, out / "summary.json")
-    print(f"wrote {out}/<strategy>.json, best_reward.png and summary.json")
+    runs.atomic_write_json(summary, out / "summary.json")
+    if not args.quiet:
+        print(f"wrote {out}/<strategy>.json, best_reward.png and summary.json")
     return 0

@@ -4,6 +4,8 @@ supernet whose subnetworks inherit its weights."""
 from __future__ import annotations
 
 import csv
+import functools
+import io
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -11,13 +13,15 @@ from typing import Any
 
 import torch
 
-from supernet import SearchNetwork, preserved_batchnorm, recalibrate_batchnorm
+from supernet import SearchNetwork, checks, preserved_batchnorm, recalibrate_batchnorm
 from supernet.spaces import CellSpace, get_space
 
+from . import tables
 from .base import Evaluation
 from .metrics import Reward, classification_metrics, measure_latency, profile, reward_of
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+EMBEDDED_TABLES = tuple(tables.EMBEDDED)  # names TabularBenchmark.load accepts besides paths
 
 
 class TabularBenchmark:
@@ -32,30 +36,58 @@ class TabularBenchmark:
 
     @classmethod
     def load(cls, path: "str | Path", space: "str | CellSpace" = "nb201") -> "TabularBenchmark":
-        """Reads a benchmark CSV."""
+        """Reads a benchmark CSV: a path, or the name of a table shipped with the package (`EMBEDDED_TABLES`)."""
+        if isinstance(path, str) and path in EMBEDDED_TABLES and not Path(path).exists():
+            return cls._embedded(path, get_space(space).name)
         path = Path(path)
         if not path.is_file():
-            raise ValueError(f"benchmark table {str(path)!r} does not exist; expected a CSV with an 'arch' column")
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            columns = reader.fieldnames or []
-            if "arch" not in columns:
-                raise ValueError(f"benchmark table {str(path)!r} has columns {columns}; expected an 'arch' column")
-            metrics = [c for c in columns if c not in cls.NON_METRICS]
-            rows = {}
-            for line, row in enumerate(reader, start=2):
-                try:
-                    rows[row["arch"]] = {m: float(row[m]) for m in metrics}
-                except (TypeError, ValueError):
-                    raise ValueError(f"{str(path)!r} line {line}: metrics must be numbers, got {row}") from None
+            raise ValueError(f"benchmark table {str(path)!r} does not exist; expected a CSV with an 'arch' column "
+                             f"or one of the embedded tables {list(EMBEDDED_TABLES)}")
+        try:
+            with path.open(newline="", encoding="utf-8") as f:
+                columns, rows = cls._read_rows(csv.DictReader(f), str(path))
+        except (UnicodeDecodeError, csv.Error) as err:  # a binary or malformed file
+            raise ValueError(f"benchmark table {str(path)!r} is not a readable CSV text file: {err}") from None
+        except OSError as err:
+            raise ValueError(f"cannot read benchmark table {str(path)!r}: {err.strerror or err}") from None
         if not rows:
             raise ValueError(f"benchmark table {str(path)!r} has no rows")
-        return cls(rows, metrics, space, str(path))
+        return cls(rows, [c for c in columns if c not in cls.NON_METRICS], space, str(path))
+
+    @classmethod
+    @functools.cache
+    def _embedded(cls, name: str, space: str) -> "TabularBenchmark":
+        # parsed once per process (15,625 rows: about 0.3 s)
+        columns, rows = cls._read_rows(csv.DictReader(io.StringIO(tables.read_text(name))), f"embedded:{name}")
+        return cls(rows, [c for c in columns if c not in cls.NON_METRICS], space, f"embedded:{name}")
+
+    @classmethod
+    def _read_rows(cls, reader: csv.DictReader, source: str) -> tuple[list[str], dict[str, dict[str, float]]]:
+        """The columns and the rows of a benchmark CSV; every metric must be a finite number."""
+        columns = reader.fieldnames or []
+        if "arch" not in columns:
+            raise ValueError(f"benchmark table {source!r} has columns {columns}; expected an 'arch' column")
+        metrics = [c for c in columns if c not in cls.NON_METRICS]
+        rows = {}
+        for row in reader:
+            values = {}
+            for metric in metrics:
+                try:
+                    values[metric] = float(row[metric])
+                except (TypeError, ValueError):
+                    values[metric] = math.nan
+                # NaN or inf would abort a search midway or win it, so the table is refused here.
+                if not math.isfinite(values[metric]):
+                    raise ValueError(f"benchmark table {source!r} line {reader.line_num}, column {metric!r}: expected a finite "
+                                     f"number, got {row[metric]!r}")
+            rows[row["arch"]] = values
+        return columns, rows
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def check_metric(self, metric: str) -> str:
+        """`metric` if it is a column of the table."""
         if metric not in self.metrics:
             raise ValueError(f"unknown metric column {metric!r} in {self.source}; expected one of {list(self.metrics)}")
         return metric
@@ -113,8 +145,8 @@ class SupernetEvaluator:
             raise ValueError(f"network must be a SearchNetwork, got {type(network).__name__}")
         if not train_batches or not heldout_batches:
             raise ValueError("the supernet evaluator needs at least one training batch and one held-out batch")
-        if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 1:
-            raise ValueError(f"bn_batches must be a positive integer, got {bn_batches!r}")
+        checks.integer("bn_batches", bn_batches)
+        checks.integer("latency_repeats", latency_repeats)
         self.network, self.train_batches, self.heldout_batches = network, list(train_batches), list(heldout_batches)
         self.bn_batches, self.reward = bn_batches, reward
         self.measure_latency, self.latency_repeats = measure_latency, latency_repeats
@@ -149,29 +181,38 @@ class SupernetEvaluator:
         return Evaluation(reward, metrics)
 
 
-def load_supernet(run_dir: "str | Path", heldout: str = "val",
-                  batch_size: int | None = None) -> tuple[SearchNetwork, list[Batch], list[Batch]]:
+def load_supernet(run_dir: "str | Path", heldout: str = "val", batch_size: int | None = None,
+                  data: "tuple[torch.Tensor, torch.Tensor] | None" = None) -> tuple[SearchNetwork, list[Batch], list[Batch]]:
     """The trained supernet of a `supernet search` run folder, its training batches (for batch-norm
     re-estimation) and its held-out batches (`heldout`: the run's "val" or "test" split).
 
-    The one place that reads a run folder, through `supernet.runs.load_run`.
+    `data`: the (images, labels) tensors again, for a run searched on them (`supernet search --data-file`).
+    The one place that reads a run folder, through `supernet.load_run`.
     """
-    from supernet.runs import load_run
+    from supernet import load_run
+    from supernet.runs import CHECKPOINT, read_checkpoint_config
 
-    if heldout not in ("val", "test"):
-        raise ValueError(f"heldout must be 'val' or 'test', got {heldout!r}")
+    checks.choice("heldout split", heldout, ("val", "test"))
+    checks.optional_integer("batch_size", batch_size)
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"run folder {str(run_dir)!r} does not exist")
-    run = load_run(run_dir)
+    if not (run_dir / CHECKPOINT).is_file():
+        raise ValueError(f"run folder {str(run_dir)!r} holds no {CHECKPOINT}; expected a 'supernet search' run")
+    dataset = read_checkpoint_config(run_dir / CHECKPOINT).get("dataset")
+    if dataset == "tensors" and data is None:
+        raise ValueError(f"run {str(run_dir)!r} was searched on tensors from --data-file; pass the same --data-file")
+    if dataset != "tensors" and data is not None:
+        raise ValueError(f"run {str(run_dir)!r} was searched on dataset {dataset!r}, not on tensors; "
+                         "leave out --data-file")
+    run = load_run(run_dir, data=data)
     size = batch_size or run.config.batch_size
     return run.network, batches(*run.split.train, size), batches(*getattr(run.split, heldout), size)
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> list[Batch]:
     """Splits tensors into (x, y) batches in order."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size!r}")
+    checks.integer("batch_size", batch_size)
     return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
 
 

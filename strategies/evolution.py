@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
+from supernet import checks
+
 from .base import STRATEGIES, Strategy
 
 
@@ -18,9 +20,8 @@ class RegularizedEvolution(Strategy):
 
     def __init__(self, space, budget: int, seed: int = 0, population: int = 10, sample_size: int = 3) -> None:
         super().__init__(space, budget, seed)
-        if isinstance(population, bool) or not isinstance(population, int) or population < 1:
-            raise ValueError(f"population must be a positive integer, got {population!r}")
-        if isinstance(sample_size, bool) or not isinstance(sample_size, int) or not 1 <= sample_size <= population:
+        checks.integer("population", population)
+        if checks.integer("sample_size", sample_size) > population:
             raise ValueError(f"sample_size must be an integer in [1, population={population}], got {sample_size!r}")
         self.population_size = population
         self.sample_size = sample_size

@@ -10,6 +10,8 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from supernet import checks
+
 from .base import Trial
 
 Reward = Union[str, Callable[[Mapping[str, float]], float]]
@@ -84,9 +86,9 @@ class TargetReward:
     when `hard` (a constraint) and on both sides otherwise (a trade-off)."""
 
     def __init__(self, metric: str, cost: str, target: float, weight: float = -0.07, hard: bool = False) -> None:
-        if not isinstance(target, (int, float)) or target <= 0:
-            raise ValueError(f"target must be a positive {cost} value, got {target!r}")
-        self.metric, self.cost, self.target, self.weight, self.hard = metric, cost, float(target), weight, hard
+        checks.number(f"target (a {cost} value)", target, positive=True)
+        checks.number("weight", weight)
+        self.metric, self.cost, self.target, self.weight, self.hard = metric, cost, float(target), float(weight), hard
 
     def __call__(self, metrics: Mapping[str, float]) -> float:
         for key in (self.metric, self.cost):

@@ -29,6 +29,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from supernet import checks
 from supernet.spaces.base import Path
 
 from .base import STRATEGIES, Strategy
@@ -67,11 +68,10 @@ class QLearning(Strategy):
         super().__init__(space, budget, seed)
         for key, value in (("alpha", alpha), ("gamma", gamma), ("epsilon_start", epsilon_start),
                            ("epsilon_end", epsilon_end), ("explore_fraction", explore_fraction)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"{key} must be in [0, 1], got {value!r}")
-        for key, value in (("replay", replay), ("episode_length", episode_length)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+            checks.number(key, value, non_negative=True, maximum=1.0)
+        checks.integer("replay", replay)
+        checks.integer("episode_length", episode_length)
+        checks.number("q_init", q_init)
         self.alpha, self.gamma = float(alpha), float(gamma)
         self.epsilon_start, self.epsilon_end, self.explore_fraction = epsilon_start, epsilon_end, explore_fraction
         self.replay_size, self.q_init, self.episode_length = replay, float(q_init), episode_length

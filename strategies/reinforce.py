@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from supernet import checks
+
 from .base import STRATEGIES, Strategy
 from .encoding import DecisionSpace
 
@@ -76,11 +78,10 @@ class Reinforce(Strategy):
     def __init__(self, space, budget: int, seed: int = 0, lr: float = 0.005, hidden: int = 32,
                  baseline_decay: float = 0.9, entropy_weight: float = 1e-3) -> None:
         super().__init__(space, budget, seed)
-        for key, value, low, high in (("lr", lr, 0.0, float("inf")), ("baseline_decay", baseline_decay, 0.0, 1.0)):
-            if not isinstance(value, (int, float)) or not low < value < high:
-                raise ValueError(f"{key} must be in ({low}, {high}), got {value!r}")
-        if not isinstance(entropy_weight, (int, float)) or entropy_weight < 0:
-            raise ValueError(f"entropy_weight must be non-negative, got {entropy_weight!r}")
+        checks.number("lr", lr, positive=True)
+        checks.fraction("baseline_decay", baseline_decay)
+        checks.number("entropy_weight", entropy_weight, non_negative=True)
+        checks.integer("hidden", hidden)
         self.lr, self.hidden, self.baseline_decay, self.entropy_weight = lr, hidden, baseline_decay, entropy_weight
         self.decisions = DecisionSpace(self.space)
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the global generator

@@ -3,10 +3,10 @@
 from .eval_network import EvalNetwork, count_parameters
 from .mixing import MIXING
 from .ops import OPS
+from .search_config import SearchConfig
 from .search_network import SearchNetwork, SubNetwork, preserved_batchnorm, recalibrate_batchnorm
+from .search_run import SearchResult, load_run, search
 from .spaces import DARTS_GENOTYPES, Genotype, NB201Genotype, get_space, list_spaces
-from .runs import load_run
-from .trainer import SearchConfig, SearchResult, search
 
 __version__ = "0.1.0"
 

@@ -14,6 +14,7 @@ COMMANDS = {
     "search": ("supernet.commands.search", "one-shot architecture search on a dataset, then retrain and compare"),
     "sample": ("strategies.command", "sample subnetworks with a strategy from a trained supernet or a tabular benchmark"),
     "meta": ("supernet.commands.meta", "meta-learn architecture and weights across few-shot tasks (MetaNAS-style)"),
+    "export": ("supernet.commands.export", "write a search run's model as a torch.export program (or ONNX)"),
 }
 
 
@@ -26,6 +27,13 @@ def set_threads(threads: int | None) -> None:
     import torch
 
     torch.set_num_threads(threads)
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--device`, shared by the commands that run networks (the run owns the device)."""
+    parser.add_argument("--device", default="auto", metavar="DEVICE",
+                        help="auto (a GPU when there is one), cpu, cuda or cuda:N; under torchrun auto and cuda "
+                             "take the LOCAL_RANK-th GPU")
 
 
 def build_parser() -> argparse.ArgumentParser:

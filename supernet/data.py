@@ -13,7 +13,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from .checks import fraction, integer, optional_integer
 
 DATASETS = ("digits", "cifar10")
 
@@ -44,14 +47,44 @@ def load_cifar10(root: "str | Path") -> tuple[torch.Tensor, torch.Tensor, torch.
                          "python version's folder 'cifar-10-batches-py' (nothing is downloaded)")
 
     def read(name: str) -> Pair:
-        with open(folder / name, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+        batch = read_cifar_batch(folder / name)
         x = torch.from_numpy(batch[b"data"]).reshape(-1, 3, 32, 32).float() / 255.0
         return x, torch.tensor(batch[b"labels"], dtype=torch.long)
 
     train = [read(n) for n in names[:5]]
     x_test, y_test = read("test_batch")
     return torch.cat([x for x, _ in train]), torch.cat([y for _, y in train]), x_test, y_test
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Builds only what a CIFAR-10 batch holds: plain containers, bytes, numbers and numpy arrays."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR-10 batch never holds")
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path: Path) -> dict:
+    """One CIFAR-10 python batch, unpickled without running code; ValueError naming the file otherwise."""
+    try:
+        with open(path, "rb") as f:
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+    except OSError as err:
+        raise ValueError(f"cannot read CIFAR-10 batch {str(path)!r}: {err.strerror or err}") from None
+    except Exception as err:  # noqa: BLE001 (a damaged pickle raises many types)
+        raise ValueError(f"CIFAR-10 batch {str(path)!r} is not a CIFAR-10 python batch: {err}") from None
+    images = batch.get(b"data") if isinstance(batch, dict) else None
+    labels = batch.get(b"labels") if isinstance(batch, dict) else None
+    if (not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 2
+            or images.shape[1] != 3 * 32 * 32 or not isinstance(labels, list) or len(labels) != len(images)
+            or not all(isinstance(v, int) and 0 <= v < 10 for v in labels)):
+        raise ValueError(f"CIFAR-10 batch {str(path)!r} does not hold b'data' (N, 3072) uint8 images "
+                         "and b'labels', N class indices 0..9")
+    return batch
 
 
 @dataclass
@@ -70,16 +103,19 @@ class Split:
         return torch.cat([self.train[0], self.val[0]]), torch.cat([self.train[1], self.val[1]])
 
 
-def check_tensors(x: torch.Tensor, y: torch.Tensor) -> None:
-    """ValueError unless x is (N, C, H, W) floating point and y is (N,) integer labels from 0."""
+def check_tensors(x: torch.Tensor, y: torch.Tensor, what: str = "data") -> None:
+    """ValueError (naming `what`) unless x is finite (N, C, H, W) floating point and y is (N,) labels from 0."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"images have shape/type {shape}; expected a floating-point tensor (N, C, H, W)")
+        raise ValueError(f"{what}: images have shape/type {shape}; expected a floating-point tensor (N, C, H, W)")
     if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.dtype != torch.long or len(y) != len(x):
         shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-        raise ValueError(f"labels have shape/type {shape}; expected a torch.long tensor of shape ({len(x)},)")
+        raise ValueError(f"{what}: labels have shape/type {shape}; expected a torch.long tensor of shape ({len(x)},)")
     if len(y) and int(y.min()) < 0:
-        raise ValueError(f"labels must be class indices >= 0, got minimum {int(y.min())}")
+        raise ValueError(f"{what}: labels must be class indices >= 0, got minimum {int(y.min())}")
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{what}: {bad} image values are NaN or infinite")
 
 
 def split_data(x: torch.Tensor, y: torch.Tensor, seed: int, val_fraction: float = 0.5, test_fraction: float = 0.2,
@@ -90,19 +126,20 @@ def split_data(x: torch.Tensor, y: torch.Tensor, seed: int, val_fraction: float 
     architecture is fitted on (DARTS uses half). `max_train` caps the non-test examples used.
     """
     check_tensors(x, y)
-    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0.0 < value < 1.0:
-            raise ValueError(f"{name} must be in (0, 1), got {value!r}")
+    if len(y) and len(torch.unique(y)) < 2:
+        raise ValueError(f"data: all {len(y)} labels are class {int(y[0])}; a search needs at least two classes")
+    fraction("val_fraction", val_fraction)
+    fraction("test_fraction", test_fraction)
+    x = x.to(torch.float32)  # the networks' parameter dtype (float64 or float16 images are converted)
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(x), generator=g)
     if test is None:
         n_test = int(round(test_fraction * len(x)))
         test = (x[order[:n_test]], y[order[:n_test]])
         order = order[n_test:]
-    check_tensors(*test)
-    if max_train is not None:
-        if max_train < 2:
-            raise ValueError(f"max_train must be at least 2, got {max_train!r}")
+    check_tensors(*test, what="test data")
+    test = (test[0].to(torch.float32), test[1])
+    if optional_integer("max_train", max_train, minimum=2) is not None:
         order = order[:max_train]
     n_val = int(round(val_fraction * len(order)))
     if n_val < 1 or len(order) - n_val < 1 or len(test[0]) < 1:
@@ -144,14 +181,13 @@ def fingerprint(*tensors: torch.Tensor) -> str:
     for t in tensors:
         t = t.detach().cpu().contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes: numpy has no bfloat16
     return h.hexdigest()[:16]
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
     """Full batches per epoch (the last partial batch is dropped, so every step has the same size)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    integer("batch_size", batch_size)
     if n < batch_size:
         raise ValueError(f"batch_size={batch_size} is larger than the {n} examples available; choose a smaller one")
     return n // batch_size

@@ -1,23 +1,28 @@
 """Mixing rules: how an edge's candidate ops combine into the edge's output.
 
-A rule turns a network's architecture parameters into a *plan* for one forward pass: per cell type,
-per intermediate node, which (edge, op) pairs run and with which weights. Cells then compute only
-what the plan names, so `none` and unchosen candidates cost nothing.
+A rule owns its options and properties. It declares the architecture tensors it learns
+(`arch_shapes`) and turns them into a *plan* for one forward pass (`plan(space, arch)`): per cell
+type, per intermediate node, which (edge, op) pairs run and with which weights. Cells then compute
+only what the plan names, so `none` and unchosen candidates cost nothing.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
+from .checks import integer, number
 from .registry import Registry
+from .spaces import CellSpace
 
-if TYPE_CHECKING:
-    from .search_network import SearchNetwork
+# Architecture tensors by kind, then cell type: arch["alphas"]["normal"] is an (edges, ops) tensor.
+Arch = Mapping[str, Mapping[str, torch.Tensor]]
 
 
 @dataclass
@@ -38,11 +43,22 @@ class MixingRule:
     """Base class; subclasses set `name` and implement `plan`."""
 
     name: str
-    learns_alphas = True  # whether a search step should update the alphas
+    learns_alphas = True  # whether a search step should update the architecture tensors
+    differentiable = False  # output a deterministic differentiable function of the alphas (torch.func)
+    anneals_temperature = False  # the instance has a settable `.tau` that a schedule anneals
     channel_divisor = 1  # PC-DARTS runs candidates on 1/K of the channels
 
-    def plan(self, net: "SearchNetwork") -> dict[str, CellPlan]:
+    def arch_shapes(self, space: CellSpace) -> dict[str, tuple[int, ...]]:
+        """Shape of each architecture tensor kind the rule learns, per cell type."""
+        return {"alphas": (space.num_edges, len(space.ops))}
+
+    def plan(self, space: CellSpace, arch: Arch) -> dict[str, CellPlan]:
+        """Per cell type, what each intermediate node computes in the next forward pass."""
         raise NotImplementedError
+
+    def edge_strengths(self, space: CellSpace, arch: Arch) -> dict[str, torch.Tensor]:
+        """Per cell type, the (edges, ops) strengths that derivation ranks."""
+        return {ct: F.softmax(arch["alphas"][ct], dim=-1) for ct in space.cell_types}
 
     def extra_repr(self) -> str:
         return ""
@@ -51,24 +67,23 @@ class MixingRule:
         return f"{type(self).__name__}({self.extra_repr()})"
 
 
-def _dense_plan(net: "SearchNetwork", weights: torch.Tensor) -> CellPlan:
+def _dense_plan(space: CellSpace, weights: torch.Tensor) -> CellPlan:
     """Every non-`none` op of every edge, weighted."""
-    space = net.space
     ops = [k for k, op in enumerate(space.ops) if op != "none"]
     plan = []
-    for node in net.nodes:
+    for node in space.intermediate_nodes:
         rows = list(space.node_edges(node))
         pairs = [(e, k) for e in rows for k in ops]
         plan.append(NodePlan(pairs, weights[rows][:, ops].reshape(-1)))
     return plan
 
 
-def path_plan(net: "SearchNetwork", path) -> CellPlan:
+def path_plan(space: CellSpace, path) -> CellPlan:
     """One op per used edge, unweighted (single-path training, fixed genotypes, subnets)."""
-    none = net.space.ops.index("none")
+    none = space.ops.index("none")
     plan = []
-    for node in net.nodes:
-        pairs = [(e, path[e]) for e in net.space.node_edges(node) if path[e] is not None and path[e] != none]
+    for node in space.intermediate_nodes:
+        pairs = [(e, path[e]) for e in space.node_edges(node) if path[e] is not None and path[e] != none]
         plan.append(NodePlan(pairs, None))
     return plan
 
@@ -78,9 +93,10 @@ class Softmax(MixingRule):
     """DARTS: every candidate, weighted by softmax(alpha)."""
 
     name = "softmax"
+    differentiable = True
 
-    def plan(self, net):
-        return {ct: _dense_plan(net, F.softmax(net.alphas(ct), dim=-1)) for ct in net.space.cell_types}
+    def plan(self, space, arch):
+        return {ct: _dense_plan(space, F.softmax(arch["alphas"][ct], dim=-1)) for ct in space.cell_types}
 
 
 @MIXING.register("gumbel")
@@ -93,30 +109,45 @@ class Gumbel(MixingRule):
     """
 
     name = "gumbel"
+    anneals_temperature = True
 
     def __init__(self, tau: float = 10.0) -> None:
         self.tau = tau
 
-    def hard_sample(self, alphas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        while True:
-            gumbels = -torch.empty_like(alphas).exponential_().log()
-            probs = F.softmax((alphas.log_softmax(dim=-1) + gumbels) / self.tau, dim=-1)
-            if torch.isfinite(gumbels).all() and torch.isfinite(probs).all():
-                break
+    @property
+    def tau(self) -> float:
+        return self._tau
+
+    @tau.setter
+    def tau(self, value: float) -> None:
+        self._tau = number("gumbel temperature tau", value, positive=True)
+
+    def hard_sample(self, alphas: torch.Tensor, what: str = "alphas") -> tuple[torch.Tensor, torch.Tensor]:
+        """(straight-through one-hot weights, chosen op index) per edge, drawn from Gumbel(alphas / tau)."""
+        if not torch.isfinite(alphas).all():
+            bad = int((~torch.isfinite(alphas)).sum())
+            raise ValueError(f"gumbel mixing cannot sample from non-finite {what}: {bad} entries are nan or inf "
+                             "(did the architecture step diverge?)")
+        # An exponential draw of exactly 0 would make an infinite Gumbel; the clamp keeps every draw finite.
+        exponential = torch.empty_like(alphas).exponential_().clamp_(min=torch.finfo(alphas.dtype).tiny)
+        gumbels = -exponential.log()
+        probs = F.softmax((alphas.log_softmax(dim=-1) + gumbels) / self.tau, dim=-1)
+        if not torch.isfinite(probs).all():
+            raise ValueError(f"gumbel mixing with tau={self.tau} gives non-finite probabilities for {what}; "
+                             "use a larger tau")
         index = probs.argmax(dim=-1)
         one_hot = F.one_hot(index, alphas.shape[-1]).to(probs.dtype)
         # (p - p.detach()) is exactly zero, so the values are exactly one-hot.
         return (probs - probs.detach()) + one_hot, index
 
-    def plan(self, net):
-        space = net.space
+    def plan(self, space, arch):
         none = space.ops.index("none")
         plans = {}
         for ct in space.cell_types:
-            hard, index = self.hard_sample(net.alphas(ct))
+            hard, index = self.hard_sample(arch["alphas"][ct], f"alphas_{ct}")
             chosen = index.tolist()
             plan = []
-            for node in net.nodes:
+            for node in space.intermediate_nodes:
                 rows = list(space.node_edges(node))
                 pairs = [(e, chosen[e]) for e in rows if chosen[e] != none]
                 weights = hard[[e for e, _ in pairs], [k for _, k in pairs]] if pairs else None
@@ -143,12 +174,12 @@ class Sample(MixingRule):
     def __init__(self) -> None:
         self.active = None
 
-    def plan(self, net):
+    def plan(self, space, arch):
         paths = self.active
         if paths is None:
             rng = random.Random(int(torch.randint(0, 2**62, ()).item()))
-            paths = net.space.to_paths(net.space.random_genotype(rng))
-        return {ct: path_plan(net, paths[ct]) for ct in net.space.cell_types}
+            paths = space.to_paths(space.random_genotype(rng))
+        return {ct: path_plan(space, paths[ct]) for ct in space.cell_types}
 
 
 @MIXING.register("partial")
@@ -156,21 +187,31 @@ class Partial(MixingRule):
     """PC-DARTS: softmax mixing on 1/K of the channels, channel shuffle, and edge normalisation."""
 
     name = "partial"
+    differentiable = True
 
     def __init__(self, k: int = 4) -> None:
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"partial channel divisor k must be a positive integer, got {k!r}")
-        self.channel_divisor = k
+        self.channel_divisor = integer("partial channel divisor k", k)
 
-    def plan(self, net):
+    def arch_shapes(self, space):
+        # betas: one edge-normalisation weight per edge.
+        return {"alphas": (space.num_edges, len(space.ops)), "betas": (space.num_edges,)}
+
+    def _edge_weights(self, space: CellSpace, betas: torch.Tensor) -> list[torch.Tensor]:
+        return [F.softmax(betas[list(space.node_edges(node))], dim=-1) for node in space.intermediate_nodes]
+
+    def plan(self, space, arch):
         plans = {}
-        for ct in net.space.cell_types:
-            plan = _dense_plan(net, F.softmax(net.alphas(ct), dim=-1))
-            betas = net.betas(ct)
-            for node, node_plan in zip(net.nodes, plan):
-                node_plan.edge_weights = F.softmax(betas[list(net.space.node_edges(node))], dim=-1)
+        for ct in space.cell_types:
+            plan = _dense_plan(space, F.softmax(arch["alphas"][ct], dim=-1))
+            for node_plan, edge_weights in zip(plan, self._edge_weights(space, arch["betas"][ct])):
+                node_plan.edge_weights = edge_weights
             plans[ct] = plan
         return plans
+
+    def edge_strengths(self, space, arch):
+        strengths = super().edge_strengths(space, arch)
+        return {ct: w * torch.cat(self._edge_weights(space, arch["betas"][ct]))[:, None]
+                for ct, w in strengths.items()}
 
     def extra_repr(self):
         return f"k={self.channel_divisor}"
@@ -186,10 +227,29 @@ class Fixed(MixingRule):
     def __init__(self, paths) -> None:
         self.paths = paths
 
-    def plan(self, net):
-        return {ct: path_plan(net, self.paths[ct]) for ct in net.space.cell_types}
+    def plan(self, space, arch):
+        return {ct: path_plan(space, self.paths[ct]) for ct in space.cell_types}
+
+
+def make_mixing(mixing: "str | MixingRule", space: CellSpace, genotype: Any = None, partial_k: int = 4,
+                tau: float = 10.0) -> MixingRule:
+    """The rule registered as `mixing`, built from the options it takes (a rule passes through)."""
+    if isinstance(mixing, MixingRule):
+        return mixing
+    cls = MIXING.get(mixing)
+    if cls is Fixed:
+        if genotype is None:
+            raise ValueError("mixing='fixed' needs a genotype")
+        return Fixed(space.to_paths(genotype))
+    if genotype is not None:
+        raise ValueError(f"a genotype is only taken with mixing='fixed', not {mixing!r}")
+    if cls is Partial:
+        return Partial(partial_k)
+    if cls is Gumbel:
+        return Gumbel(tau)
+    return cls()
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
-    b, c, h, w = x.shape
-    return x.view(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
+    """Interleaves `groups` channel groups: channel g * (c / groups) + i moves to i * groups + g."""
+    return rearrange(x, "b (g c) h w -> b (c g) h w", g=groups)

@@ -2,6 +2,10 @@
 
 Every factory has the signature `(C, stride, affine) -> nn.Module` and maps C channels to C channels.
 Search networks build ops with `affine=False`; evaluation networks with `affine=True`.
+
+Candidates declare their stages, so the fused path (`dispatch.edge_outputs`) can share work between an
+edge's candidates without knowing their layouts: a `StartsWithReLU` runs `after_relu(relu(x))`, a
+`PoolBN` is a pool followed by its batch norm.
 """
 
 from __future__ import annotations
@@ -18,26 +22,48 @@ OpFactory = Callable[[int, int, bool], nn.Module]
 OPS: Registry[OpFactory] = Registry("candidate op")
 
 
-class ReLUConvBN(nn.Sequential):
+class StartsWithReLU(nn.Module):
+    """A candidate whose first stage is a ReLU of its input: the fused path computes that ReLU once per edge."""
+
+    def after_relu(self, rectified: torch.Tensor) -> torch.Tensor:
+        """The candidate's output given relu(x)."""
+        raise NotImplementedError
+
+
+class ReLUSequential(nn.Sequential, StartsWithReLU):
+    """nn.Sequential(ReLU, *layers): keeps nn.Sequential's parameter names (0.weight, ...)."""
+
+    def __init__(self, *layers: nn.Module) -> None:
+        super().__init__(nn.ReLU(inplace=False), *layers)
+
+    def __getitem__(self, index):
+        # a slice need not start with the ReLU: it is a plain nn.Sequential
+        return nn.Sequential(*list(self)[index]) if isinstance(index, slice) else super().__getitem__(index)
+
+    def after_relu(self, rectified: torch.Tensor) -> torch.Tensor:
+        for layer in list(self)[1:]:
+            rectified = layer(rectified)
+        return rectified
+
+
+class ReLUConvBN(ReLUSequential):
     """ReLU -> Conv -> BN, the ordering every cell-based space uses."""
 
     def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int,
                  affine: bool = True, bias: bool = False) -> None:
         super().__init__(
-            nn.ReLU(inplace=False),
             nn.Conv2d(C_in, C_out, kernel_size, stride=stride, padding=padding, bias=bias),
             nn.BatchNorm2d(C_out, affine=affine),
         )
 
 
-class DilConv(nn.Module):
+class DilConv(StartsWithReLU):
     """ReLU -> depthwise (dilated) conv -> pointwise conv -> BN."""
 
     def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int,
                  dilation: int, affine: bool = True) -> None:
         super().__init__()
-        self.op = nn.Sequential(
-            nn.ReLU(inplace=False),
+        self.op = ReLUSequential(
             nn.Conv2d(C_in, C_in, kernel_size, stride, padding, dilation=dilation, groups=C_in,
                       bias=False),
             nn.Conv2d(C_in, C_out, 1, bias=False),
@@ -47,15 +73,17 @@ class DilConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
 
+    def after_relu(self, rectified: torch.Tensor) -> torch.Tensor:
+        return self.op.after_relu(rectified)
 
-class SepConv(nn.Module):
+
+class SepConv(StartsWithReLU):
     """Two stacked DilConv-like blocks without dilation; only the first one strides (as DARTS)."""
 
     def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int,
                  affine: bool = True) -> None:
         super().__init__()
-        self.op = nn.Sequential(
-            nn.ReLU(inplace=False),
+        self.op = ReLUSequential(
             nn.Conv2d(C_in, C_in, kernel_size, stride, padding, groups=C_in, bias=False),
             nn.Conv2d(C_in, C_in, 1, bias=False),
             nn.BatchNorm2d(C_in, affine=affine),
@@ -67,6 +95,24 @@ class SepConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
+
+    def after_relu(self, rectified: torch.Tensor) -> torch.Tensor:
+        return self.op.after_relu(rectified)
+
+
+class PoolBN(nn.Sequential):
+    """A pool followed by the non-affine batch norm DARTS puts after pools in search (names 0.*, 1.*)."""
+
+    def __init__(self, pool: nn.Module, C: int) -> None:
+        super().__init__(pool, nn.BatchNorm2d(C, affine=False))
+
+    @property
+    def pool(self) -> nn.Module:
+        return self[0]
+
+    @property
+    def bn(self) -> nn.BatchNorm2d:
+        return self[1]
 
 
 class Identity(nn.Module):
@@ -121,8 +167,7 @@ OPS.add("sep_conv_5x5", lambda C, stride, affine: SepConv(C, C, 5, stride, 2, af
 OPS.add("sep_conv_7x7", lambda C, stride, affine: SepConv(C, C, 7, stride, 3, affine))
 OPS.add("dil_conv_3x3", lambda C, stride, affine: DilConv(C, C, 3, stride, 2, 2, affine))
 OPS.add("dil_conv_5x5", lambda C, stride, affine: DilConv(C, C, 5, stride, 4, 2, affine))
-OPS.add("conv_7x1_1x7", lambda C, stride, affine: nn.Sequential(
-    nn.ReLU(inplace=False),
+OPS.add("conv_7x1_1x7", lambda C, stride, affine: ReLUSequential(
     nn.Conv2d(C, C, (1, 7), stride=(1, stride), padding=(0, 3), bias=False),
     nn.Conv2d(C, C, (7, 1), stride=(stride, 1), padding=(3, 0), bias=False),
     nn.BatchNorm2d(C, affine=affine),
@@ -138,10 +183,10 @@ def build_op(name: str, C: int, stride: int, affine: bool, pool_batchnorm: bool 
         raise ValueError(f"stride must be 1 or 2, got {stride}")
     op = OPS.get(name)(C, stride, affine)
     if pool_batchnorm and "pool" in name:
-        op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))
+        op = PoolBN(op, C)
     return op
 
 
-def is_parameter_free(name: str) -> bool:
-    """Candidates whose output needs no learned weights at stride 1 (pools, skip, none)."""
-    return "pool" in name or name in ("skip_connect", "none")
+def pool_parts(op: nn.Module) -> tuple[nn.Module, nn.BatchNorm2d | None]:
+    """(the pool, its batch norm or None) of a pool candidate, with or without `pool_batchnorm`."""
+    return (op.pool, op.bn) if isinstance(op, PoolBN) else (op, None)

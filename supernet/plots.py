@@ -42,19 +42,13 @@ def plot_alpha_history(history: list[dict[str, list]], space: CellSpace, path: "
     return atomic_save_figure(fig, path, dpi=90)
 
 
-def _node_names(space: CellSpace) -> list[str]:
-    if space.num_input_nodes == 2:  # DARTS: the two previous cells' outputs, then intermediate nodes 0..n-1
-        return ["c_{k-2}", "c_{k-1}"] + [str(i) for i in range(space.num_nodes)]
-    return [str(i) for i in range(space.num_input_nodes + space.num_nodes)]
-
-
 def plot_cell(genotype: Any, space: CellSpace, cell_type: str, path: "str | Path") -> Path:
     """The cell of `genotype` as a DAG: inputs on the left, the output on the right, ops on the edges."""
     if cell_type not in space.cell_types:
         raise ValueError(f"unknown cell type {cell_type!r}; expected one of {list(space.cell_types)}")
     path = Path(path)
     chosen = space.to_paths(genotype)[cell_type]
-    names = _node_names(space)
+    names = space.node_labels
     n_in, n_mid = space.num_input_nodes, space.num_nodes
     pos = {}
     for i in range(n_in):
@@ -76,10 +70,9 @@ def plot_cell(genotype: Any, space: CellSpace, cell_type: str, path: "str | Path
         ax.text(x0 + t * (x1 - x0), y0 + t * (y1 - y0), space.ops[k], fontsize=7, ha="center", va="center",
                 rotation=math.degrees(math.atan2((y1 - y0) * 0.6, x1 - x0)), rotation_mode="anchor",
                 bbox={"boxstyle": "round,pad=0.15", "fc": "lightyellow", "ec": "0.7"})
-    if n_in == 2:  # DARTS cells concatenate the intermediate nodes into the output
-        out_nodes = list(range(n_in, n_in + n_mid))
+    if len(space.output_nodes) > 1:  # the cell concatenates several nodes (DARTS): draw its output node
         pos["out"] = (out_x, 0.0)
-        for j in out_nodes:
+        for j in space.output_nodes:
             ax.annotate("", xy=pos["out"], xytext=pos[j],
                         arrowprops={"arrowstyle": "-|>", "color": "0.75", "shrinkA": 14, "shrinkB": 14})
         names_out = {"out": "c_{k}"}

@@ -9,7 +9,6 @@ import os
 import random
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,13 @@ def _atomic(path: "str | Path", write) -> Path:
 
 
 def atomic_write_text(text: str, path: "str | Path") -> Path:
+    """`text` as UTF-8, written whole."""
     return _atomic(path, lambda f: f.write(text.encode()))
+
+
+def atomic_write_bytes(data: bytes, path: "str | Path") -> Path:
+    """`data`, written whole."""
+    return _atomic(path, lambda f: f.write(data))
 
 
 def atomic_save_figure(fig: Any, path: "str | Path", dpi: int) -> Path:
@@ -58,6 +63,7 @@ def atomic_save_figure(fig: Any, path: "str | Path", dpi: int) -> Path:
 
 
 def atomic_write_json(obj: Any, path: "str | Path") -> Path:
+    """`obj` as indented JSON with sorted keys, written whole."""
     return atomic_write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", path)
 
 
@@ -138,8 +144,10 @@ def _read_checkpoint(path: Path) -> tuple[dict, bytes]:
     return header, payload
 
 
-def load_checkpoint(path: "str | Path", expected_config: dict | None = None) -> dict:
-    """The state saved by `save_checkpoint`; ValueError if the file is corrupt or from a different config."""
+def load_checkpoint(path: "str | Path", expected_config: dict | None = None,
+                    map_location: "str | torch.device" = "cpu") -> dict:
+    """The state saved by `save_checkpoint`, its tensors on `map_location` (a checkpoint written on one device
+    loads on any other); ValueError if the file is corrupt or from a different config."""
     path = Path(path)
     header, payload = _read_checkpoint(path)
     if expected_config is not None:
@@ -147,7 +155,7 @@ def load_checkpoint(path: "str | Path", expected_config: dict | None = None) -> 
         if diff:
             raise ValueError(f"checkpoint {str(path)!r} was written by a different config: " + "; ".join(diff))
     try:
-        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
     except Exception:  # noqa: BLE001 (torch raises several types; its message suggests an unsafe load)
         raise ValueError(f"checkpoint {str(path)!r} holds objects other than tensors and plain values; "
                          "it is not loaded, since unpickling them could run code") from None
@@ -156,23 +164,27 @@ def load_checkpoint(path: "str | Path", expected_config: dict | None = None) -> 
 def capture_rng_state() -> dict:
     """torch, numpy and Python `random` generator states, in a form `torch.load(weights_only=True)` accepts."""
     np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+    extra = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
+    return {**extra, "torch": torch.get_rng_state(), "python": random.getstate(),
             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                       "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])}}
 
 
 def restore_rng_state(state: dict) -> None:
     """Inverse of `capture_rng_state`."""
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())  # a checkpoint loaded with map_location=<a GPU> holds it there
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([t.cpu() for t in cuda])  # a checkpoint from another machine keeps the CUDA generators as seeded
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+    np.random.set_state(("MT19937", n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
 
 
 # --- run folders ------------------------------------------------------------------------------
-# The files of a search run folder (one writer: supernet.trainer.search).
+# The files of a search run folder (one writer: supernet.search_run.search).
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
 RESULTS = "results.json"
@@ -259,41 +271,3 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[name] = "absent"
     return out
-
-
-@dataclass
-class LoadedRun:
-    """A search run rebuilt from its folder: the trained supernet, its config and its data split."""
-
-    network: Any  # SearchNetwork with the checkpoint's weights and alphas, in eval mode
-    config: Any  # supernet.trainer.SearchConfig
-    split: Any  # supernet.data.Split: the same train / val / test tensors the search saw
-    genotype: Any  # the searched genotype (None if the search had not finished)
-    state: dict  # the raw checkpoint state (position, history, optimizer states)
-
-
-def load_run(run_dir: "str | Path", data: "tuple | None" = None) -> LoadedRun:
-    """Rebuilds a search run's SearchNetwork, config and data split from `run_dir`'s checkpoint.
-
-    Pass `data=(images, labels)` again for a run searched on your own tensors (its fingerprint is checked).
-    Typical use, evaluating a subnetwork with inherited weights (SPOS-style BN re-estimation):
-        run = load_run("runs/search-spos-...")
-        with preserved_batchnorm(run.network):
-            sub = recalibrate_batchnorm(run.network.subnet(genotype), batches_of(run.split.train), 4)
-            acc = supernet.trainer.accuracy(sub, run.split.val)
-    """
-    from . import data as data_module
-    from .trainer import SearchConfig, build_network
-
-    run_dir = Path(run_dir)
-    state = load_checkpoint(run_dir / CHECKPOINT)
-    config = SearchConfig.from_dict(state["config"])
-    if data is not None and config.data_fingerprint != data_module.fingerprint(*data):
-        raise ValueError(f"the tensors passed as data are not the ones run {str(run_dir)!r} was searched on")
-    split = data_module.load_split(config.dataset, config.seed, config.data_dir, data, config.val_fraction,
-                                   config.test_fraction, config.max_train)
-    network = build_network(config, split.num_classes, split.in_channels)
-    network.load_state_dict(state["net"])
-    network.eval()
-    genotype = None if state["genotype"] is None else network.space.parse(state["genotype"])
-    return LoadedRun(network, config, split, genotype, state)

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from . import dispatch
-from .mixing import MIXING, CellPlan, Fixed, MixingRule, Sample, channel_shuffle
+from .checks import images, integer
+from .mixing import CellPlan, Fixed, MixingRule, Sample, channel_shuffle, make_mixing
 from .ops import FactorizedReduce, ReLUConvBN, build_op
 from .spaces import CellSpace, get_space
 
@@ -39,7 +40,7 @@ class SearchCell(nn.Module):
         super().__init__()
         self.space = space
         self.reduction = reduction
-        self.cell_type = "reduce" if reduction else space.cell_types[0]
+        self.cell_type = space.cell_type(reduction)
         for i, module in enumerate(preprocess or []):
             self.add_module(f"preprocess{i}", module)
         self.edges = nn.ModuleList(
@@ -50,7 +51,7 @@ class SearchCell(nn.Module):
     def forward(self, inputs: list[torch.Tensor], plan: CellPlan, fused: bool) -> torch.Tensor:
         space = self.space
         states = [getattr(self, f"preprocess{i}", nn.Identity())(x) for i, x in enumerate(inputs)]
-        for node, node_plan in zip(range(space.num_input_nodes, space.num_input_nodes + space.num_nodes), plan):
+        for node, node_plan in zip(space.intermediate_nodes, plan):
             if node_plan.edge_weights is not None:
                 s = self._partial_node(node, node_plan, states, fused)
             else:
@@ -61,9 +62,7 @@ class SearchCell(nn.Module):
             if node_plan.residual is not None:
                 s = s + node_plan.residual
             states.append(s)
-        if space.num_input_nodes == 1:  # NAS-Bench-201: the last node is the output
-            return states[-1]
-        return torch.cat(states[space.num_input_nodes:], dim=1)
+        return space.cell_output(states)
 
     def _partial_node(self, node: int, node_plan, states, fused: bool) -> torch.Tensor:
         space = self.space
@@ -99,31 +98,24 @@ class ResNetBasicBlock(nn.Module):
         return self.conv_b(self.conv_a(x)) + self.downsample(x)
 
 
-def make_mixing(mixing: "str | MixingRule", space: CellSpace, genotype: Any = None, partial_k: int = 4,
-                tau: float = 10.0) -> MixingRule:
-    if isinstance(mixing, MixingRule):
-        return mixing
-    cls = MIXING.get(mixing)
-    if cls is Fixed:
-        if genotype is None:
-            raise ValueError("mixing='fixed' needs a genotype")
-        return Fixed(space.to_paths(genotype))
-    if genotype is not None:
-        raise ValueError(f"a genotype is only taken with mixing='fixed', not {mixing!r}")
-    if mixing == "partial":
-        return cls(partial_k)
-    if mixing == "gumbel":
-        return cls(tau)
-    return cls()
+def cell_preprocess(inputs: list[tuple[int, int]], C: int, affine: bool) -> list[nn.Module]:
+    """Per cell input (channels, reductions so far): a module bringing it to C channels at the newest resolution.
+
+    An input one reduction behind the newest (the cell before a reduction cell) is factorized-reduced.
+    """
+    newest = inputs[-1][1]
+    return [FactorizedReduce(C_in, C, affine=affine) if reductions < newest else ReLUConvBN(C_in, C, 1, 1, 0, affine)
+            for C_in, reductions in inputs]
 
 
 class SearchNetwork(nn.Module):
-    """The supernet of a cell space, as DARTS (darts) or NAS-Bench-201 (nb201) build it.
+    """The supernet of a cell space, built on the skeleton the space declares (`space.blocks`).
 
     `layers` counts all cells for darts (reductions at 1/3 and 2/3 of the depth) and the cells per
-    stage for nb201 (its N; three stages joined by residual reduction blocks).
-    Architecture parameters are registered as `alphas_<cell type>` (and `betas_<cell type>` for
-    PC-DARTS edge normalisation), so a state_dict holds the architecture.
+    stage for nb201 (its N; three stages joined by residual reduction blocks). `stem_multiplier`
+    defaults to the space's (darts 3, nb201 1).
+    Architecture tensors are registered as `<kind>_<cell type>` (`alphas_normal`; PC-DARTS adds
+    `betas_<cell type>` for edge normalisation), so a state_dict holds the architecture.
     `fused=True` (the default) computes mixed ops through `supernet.dispatch`: Triton kernels on CUDA,
     fused CPU paths elsewhere, with the reference path's numbers (`fused=False`); bench/README.md has
     the measurements.
@@ -131,63 +123,44 @@ class SearchNetwork(nn.Module):
 
     def __init__(self, space: "str | CellSpace", C: int, layers: int, num_classes: int, in_channels: int = 3,
                  mixing: "str | MixingRule" = "softmax", genotype: Any = None, partial_k: int = 4,
-                 tau: float = 10.0, stem_multiplier: int = 3, fused: bool = True) -> None:
+                 tau: float = 10.0, stem_multiplier: int | None = None, fused: bool = True) -> None:
         super().__init__()
         for name, value in (("C", C), ("layers", layers), ("num_classes", num_classes), ("in_channels", in_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            integer(name, value)
         self.space = get_space(space)
+        stem_multiplier = integer("stem_multiplier", self.space.stem_multiplier if stem_multiplier is None
+                                  else stem_multiplier)
         self.mixing = make_mixing(mixing, self.space, genotype, partial_k, tau)
         self.C, self.layers, self.num_classes, self.in_channels = C, layers, num_classes, in_channels
         self.fused = fused
         k = self.mixing.channel_divisor
-        if C % k:
+        if C % k:  # every cell has a multiple of C channels
             raise ValueError(f"mixing='partial' with k={k} cannot divide C={C} channels; choose C divisible by {k}")
-        space_ = self.space
-        self.nodes = range(space_.num_input_nodes, space_.num_input_nodes + space_.num_nodes)
-        if space_.name == "nb201":
-            self._build_nb201(C, layers, in_channels, k)
-        else:
-            self._build_darts(C, layers, in_channels, k, stem_multiplier)
-        for ct in space_.cell_types:
-            self.register_parameter(f"alphas_{ct}", nn.Parameter(1e-3 * torch.randn(space_.num_edges, len(space_.ops))))
-            if self.mixing.name == "partial":
-                self.register_parameter(f"betas_{ct}", nn.Parameter(1e-3 * torch.randn(space_.num_edges)))
+        self._build(C, layers, in_channels, k, stem_multiplier)
+        for ct in self.space.cell_types:
+            for kind, shape in self.mixing.arch_shapes(self.space).items():
+                self.register_parameter(f"{kind}_{ct}", nn.Parameter(1e-3 * torch.randn(shape)))
 
-    def _build_darts(self, C: int, layers: int, in_channels: int, k: int, stem_multiplier: int) -> None:
-        C_curr = stem_multiplier * C
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
-        C_pp, C_prev, C_curr = C_curr, C_curr, C
+    def _build(self, C: int, layers: int, in_channels: int, k: int, stem_multiplier: int) -> None:
+        space = self.space
+        C_stem = stem_multiplier * C
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, C_stem, 3, padding=1, bias=False), nn.BatchNorm2d(C_stem))
         self.cells = nn.ModuleList()
-        reduction_prev = False
-        for i in range(layers):
-            reduction = i in (layers // 3, 2 * layers // 3)
-            if reduction:
-                C_curr *= 2
-                if C_curr % k:
-                    raise ValueError(f"mixing='partial' with k={k} cannot divide the {C_curr} channels of cell {i}")
-            pre0 = FactorizedReduce(C_pp, C_curr, affine=False) if reduction_prev else \
-                ReLUConvBN(C_pp, C_curr, 1, 1, 0, affine=False)
-            pre1 = ReLUConvBN(C_prev, C_curr, 1, 1, 0, affine=False)
-            self.cells.append(SearchCell(self.space, C_curr, reduction, k, [pre0, pre1]))
-            reduction_prev = reduction
-            C_pp, C_prev = C_prev, self.space.num_nodes * C_curr
+        # The states a cell reads: the newest num_input_nodes outputs, as (channels, reductions so far).
+        inputs = [(C_stem, 0)] * space.num_input_nodes
+        for block in space.blocks(C, layers):
+            if block.kind == "residual":
+                self.cells.append(ResNetBasicBlock(inputs[-1][0], block.channels, 2))
+                C_out = block.channels
+            else:
+                preprocess = cell_preprocess(inputs, block.channels, affine=False) if space.preprocess_inputs else None
+                self.cells.append(SearchCell(space, block.channels, block.reduction, k, preprocess))
+                C_out = len(space.output_nodes) * block.channels
+            inputs = (inputs + [(C_out, inputs[-1][1] + block.reduction)])[-space.num_input_nodes:]
+        if space.final_activation:
+            self.lastact = nn.Sequential(nn.BatchNorm2d(inputs[-1][0]), nn.ReLU(inplace=True))
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(C_prev, self.num_classes)
-
-    def _build_nb201(self, C: int, N: int, in_channels: int, k: int) -> None:
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))
-        self.cells = nn.ModuleList()
-        C_prev = C
-        for stage, C_stage in enumerate((C, 2 * C, 4 * C)):
-            if stage:
-                self.cells.append(ResNetBasicBlock(C_prev, C_stage, 2))
-            for _ in range(N):
-                self.cells.append(SearchCell(self.space, C_stage, False, k))
-            C_prev = C_stage
-        self.lastact = nn.Sequential(nn.BatchNorm2d(C_prev), nn.ReLU(inplace=True))
-        self.global_pooling = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(C_prev, self.num_classes)
+        self.classifier = nn.Linear(inputs[-1][0], self.num_classes)
 
     # --- architecture parameters ---------------------------------------------------------------
     def alphas(self, cell_type: str) -> torch.Tensor:
@@ -196,12 +169,14 @@ class SearchNetwork(nn.Module):
     def betas(self, cell_type: str) -> torch.Tensor:
         return getattr(self, f"betas_{cell_type}")
 
+    def architecture(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The architecture tensors the mixing rule plans from: {kind: {cell type: tensor}}."""
+        kinds = self.mixing.arch_shapes(self.space)
+        return {kind: {ct: getattr(self, f"{kind}_{ct}") for ct in self.space.cell_types} for kind in kinds}
+
     def arch_parameters(self) -> list[nn.Parameter]:
         """alphas (and PC-DARTS betas), one per cell type."""
-        names = [f"alphas_{ct}" for ct in self.space.cell_types]
-        if self.mixing.name == "partial":
-            names += [f"betas_{ct}" for ct in self.space.cell_types]
-        return [getattr(self, n) for n in names]
+        return [t for tensors in self.architecture().values() for t in tensors.values()]
 
     def weight_parameters(self) -> list[nn.Parameter]:
         """Every parameter that is not an architecture parameter."""
@@ -210,16 +185,8 @@ class SearchNetwork(nn.Module):
 
     def edge_strengths(self) -> dict[str, torch.Tensor]:
         """Per cell type, the (edges, ops) strengths that derivation ranks."""
-        out = {}
         with torch.no_grad():
-            for ct in self.space.cell_types:
-                w = torch.softmax(self.alphas(ct), dim=-1)
-                if self.mixing.name == "partial":
-                    betas = self.betas(ct)
-                    norm = torch.cat([torch.softmax(betas[list(self.space.node_edges(n))], dim=-1) for n in self.nodes])
-                    w = w * norm[:, None]
-                out[ct] = w
-        return out
+            return self.mixing.edge_strengths(self.space, self.architecture())
 
     def derive(self) -> Any:
         """The genotype by the space's published rule (a fixed network returns its own)."""
@@ -229,27 +196,24 @@ class SearchNetwork(nn.Module):
 
     # --- forward ---------------------------------------------------------------------------------
     def check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"input has shape {shape}; expected (batch, {self.in_channels}, height, width)")
-        if not x.is_floating_point():
-            raise ValueError(f"input has dtype {x.dtype}; expected a floating-point tensor")
+        """ValueError unless x is a (batch, in_channels, H, W) tensor of the parameters' dtype."""
+        images(x, self.in_channels, dtype=self.stem[0].weight.dtype)
+
+    def plans(self) -> dict[str, CellPlan]:
+        """The mixing rule's plan for the next forward pass."""
+        return self.mixing.plan(self.space, self.architecture())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        return self.forward_plans(x, self.mixing.plan(self))
+        return self.forward_plans(x, self.plans())
 
     def forward_plans(self, x: torch.Tensor, plans: dict[str, CellPlan]) -> torch.Tensor:
-        s = self.stem(x)
-        if self.space.num_input_nodes == 2:
-            s0 = s1 = s
-            for cell in self.cells:
-                s0, s1 = s1, cell([s0, s1], plans[cell.cell_type], self.fused)
-            s = s1
-        else:
-            for cell in self.cells:
-                s = cell([s], plans[cell.cell_type], self.fused) if isinstance(cell, SearchCell) else cell(s)
-            s = self.lastact(s)
+        """Logits of x when each cell computes what `plans` names."""
+        states = [self.stem(x)] * self.space.num_input_nodes  # the newest outputs a cell reads
+        for cell in self.cells:
+            out = cell(states, plans[cell.cell_type], self.fused) if isinstance(cell, SearchCell) else cell(states[-1])
+            states = (states + [out])[1:]
+        s = self.lastact(states[-1]) if self.space.final_activation else states[-1]
         return self.classifier(self.global_pooling(s).flatten(1))
 
     # --- single paths ----------------------------------------------------------------------------
@@ -274,7 +238,7 @@ class SubNetwork(nn.Module):
         super().__init__()
         self.network = network
         self.genotype = network.space.validate(genotype)
-        self.plans = Fixed(network.space.to_paths(self.genotype)).plan(network)
+        self.plans = Fixed(network.space.to_paths(self.genotype)).plan(network.space, {})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.network.check_input(x)

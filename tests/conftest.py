@@ -34,3 +34,17 @@ def data_dir() -> Path:
 def nan_fill(monkeypatch):
     """Fills every buffer the kernel launchers allocate with NaN, so an element a kernel skips fails."""
     monkeypatch.setattr("kernels._alloc.FILL", float("nan"))
+
+
+@pytest.fixture(params=["triton", "torch"])
+def implementation(request, monkeypatch):
+    """Runs a test once with each implementation of the kernels' custom ops: "triton" (on the CPU, Triton's
+    interpreter through the wrapper the GPU runs) and "torch" (the CPU's own code)."""
+    monkeypatch.setattr("kernels.backend.TRITON_ON_CPU", request.param == "triton")
+    return request.param
+
+
+@pytest.fixture
+def triton_on_cpu(monkeypatch):
+    """Runs the Triton kernels for CPU tensors (in Triton's interpreter) through their custom ops and wrappers."""
+    monkeypatch.setattr("kernels.backend.TRITON_ON_CPU", True)

@@ -66,3 +66,16 @@ def test_bad_darts_states_are_refused_with_the_key_named():
         from_darts(state, ref.alphas_normal[:3], ref.alphas_reduce)
     with pytest.raises(ValueError, match="only a darts network with softmax mixing"):
         to_darts(SearchNetwork("nb201", 4, 1, 3))
+
+
+def test_alphas_given_as_nested_lists_are_accepted_and_garbage_is_named():
+    ref = _reference(C=2, layers=3)
+    state = ref.state_dict()
+    from_lists = from_darts(state, ref.alphas_normal.tolist(), ref.alphas_reduce.tolist())
+    torch.testing.assert_close(from_lists.alphas_normal.detach(), ref.alphas_normal)
+    with pytest.raises(ValueError, match="alphas_normal must be a tensor or a nested list of numbers, got str"):
+        from_darts(state, "alphas", ref.alphas_reduce)
+    with pytest.raises(ValueError, match="alphas_reduce must be a tensor or a nested list"):
+        from_darts(state, ref.alphas_normal, [[1.0, 2.0], [3.0]])  # ragged
+    with pytest.raises(ValueError, match="entry 'stem.0.weight' is a list; expected a tensor"):
+        from_darts({**state, "stem.0.weight": state["stem.0.weight"].tolist()}, ref.alphas_normal, ref.alphas_reduce)

@@ -75,3 +75,75 @@ def test_fingerprint_tells_tensors_apart():
     x = torch.randn(4, 1, 2, 2)
     assert data.fingerprint(x) == data.fingerprint(x.clone())
     assert data.fingerprint(x) != data.fingerprint(x + 1)
+
+
+def _cifar_folder(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 9],
+                 b"batch_label": b"training batch", b"filenames": [b"a.png"] * 4}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    return folder
+
+
+class _RunsCode:
+    """A pickle payload that, unpickled by plain pickle.load, would create `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_cifar_batch_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
+    folder = _cifar_folder(tmp_path)
+    marker = tmp_path / "marker"
+    with open(folder / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": _RunsCode(marker), b"labels": [0]}, f)
+    with pytest.raises(ValueError, match=r"data_batch_1' is not a CIFAR-10 python batch: it refers to io.open"):
+        data.load_cifar10(tmp_path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"garbage, not a pickle", "is not a CIFAR-10 python batch"),
+    (pickle.dumps([1, 2, 3]), "does not hold b'data'"),
+    (pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}), "does not hold b'data'"),
+    (pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [10]}), "class indices 0..9"),
+])
+def test_a_damaged_cifar_batch_is_named(content, message, tmp_path):
+    folder = _cifar_folder(tmp_path)
+    (folder / "test_batch").write_bytes(content)
+    with pytest.raises(ValueError, match=message) as err:
+        data.load_cifar10(tmp_path)
+    assert str(folder / "test_batch") in str(err.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_other_float_images_are_converted_to_float32(dtype):
+    x, y = torch.rand(60, 1, 4, 4).to(dtype), torch.arange(60) % 3
+    split = data.split_data(x, y, seed=0)
+    assert all(part[0].dtype == torch.float32 for part in (split.train, split.val, split.test))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_pixels_are_refused_naming_the_data(bad):
+    x, y = torch.rand(60, 1, 4, 4), torch.arange(60) % 3
+    x[5, 0, 1, 1] = bad
+    with pytest.raises(ValueError, match="data: 1 image values are NaN or infinite"):
+        data.split_data(x, y, seed=0)
+
+
+def test_single_class_data_is_refused():
+    with pytest.raises(ValueError, match="all 60 labels are class 2; a search needs at least two classes"):
+        data.split_data(torch.rand(60, 1, 4, 4), torch.full((60,), 2), seed=0)
+
+
+def test_fingerprint_reads_every_dtype():
+    x = torch.randn(4, 1, 2, 2)
+    assert data.fingerprint(x.bfloat16()) != data.fingerprint(x.half())
+    assert len(data.fingerprint(x.bfloat16(), torch.arange(4))) == 16

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from supernet import SearchNetwork, dispatch, get_space
+from supernet import SearchNetwork, get_space
 
 SIZES = {"darts": dict(C=4, layers=3), "nb201": dict(C=4, layers=1)}  # darts: a normal and two reduction cells
 INPUT = {"darts": (2, 3, 9, 9), "nb201": (2, 3, 8, 8)}  # darts runs odd sides too (nb201 reduces by 2 exactly)
@@ -33,11 +33,9 @@ def assert_gradients_close(ref, fused):
             torch.testing.assert_close(q.grad, p.grad, atol=2e-5 * scale, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("conv_fusion", ["shared_relu", "horizontal"])
 @pytest.mark.parametrize("mixing", ["softmax", "gumbel", "sample", "partial", "fixed"])
 @pytest.mark.parametrize("space", ["darts", "nb201"])
-def test_fused_network_gives_the_reference_logits_gradients_and_statistics(monkeypatch, space, mixing, conv_fusion):
-    monkeypatch.setitem(dispatch.CONV_FUSION, "cpu", conv_fusion)
+def test_fused_network_gives_the_reference_logits_gradients_and_statistics(implementation, space, mixing):
     ref, fused = twin_networks(space, mixing)
     x = torch.randn(INPUT[space], generator=torch.Generator().manual_seed(1))
     outs = []

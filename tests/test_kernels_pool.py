@@ -1,5 +1,6 @@
-"""pool_candidates: the Triton kernels (interpreted without a GPU) and the dispatch custom op against PyTorch's pools,
-and the pools' batch-norm statistics from the same pass against nn.BatchNorm2d(affine=False)."""
+"""pool_candidates: the Triton kernels (interpreted without a GPU) through their custom ops and autograd wrappers
+against PyTorch's pools, the CPU implementation of the same ops, and the pools' batch-norm statistics from the
+same pass against nn.BatchNorm2d(affine=False)."""
 
 import copy
 import os
@@ -10,13 +11,10 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from kernels.pool_candidates import (
-    pool_candidates_reference,
-    pool_candidates_triton,
-    pool_stats_reference,
-    pool_stats_triton,
-)
+from kernels import pool_candidates as kernel
+from kernels.pool_candidates import pool_candidates_reference, pool_stats_reference
 from supernet import dispatch
+from supernet.batch_norm import batch_norm_with_stats
 from supernet.ops import build_op
 from tests.compare import assert_close
 
@@ -33,6 +31,7 @@ def make_input(shape, dtype, seed, ties):
     return x.to(dtype).to(DEVICE).requires_grad_()
 
 
+@pytest.mark.usefixtures("triton_on_cpu")
 @settings(max_examples=14, deadline=None)
 @given(n=st.integers(1, 2), c=st.integers(1, 5), h=st.integers(1, 9), w=st.integers(1, 9),
        stride=st.sampled_from([1, 2]), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
@@ -40,7 +39,7 @@ def make_input(shape, dtype, seed, ties):
 def test_triton_matches_reference_forward_and_backward(n, c, h, w, stride, dtype, ties, seed):
     x = make_input((n, c, h, w), dtype, seed, ties)
     atol, rtol = TOLERANCES[dtype]
-    avg, mx = pool_candidates_triton(x, stride)
+    avg, mx = kernel.pool_candidates(x, stride)
     # the reference in fp32: the kernel accumulates in fp32; max pool is exact in any dtype
     x32 = x.detach().float().requires_grad_()
     ref_avg, ref_mx = pool_candidates_reference(x32, stride)
@@ -54,9 +53,9 @@ def test_triton_matches_reference_forward_and_backward(n, c, h, w, stride, dtype
 
 
 @pytest.mark.parametrize("which", ["avg", "max"])
-def test_backward_with_one_pool_unused(which):
+def test_backward_with_one_pool_unused(implementation, which):
     x = make_input((2, 3, 5, 7), torch.float32, 0, ties=True)
-    avg, mx = pool_candidates_triton(x, 2)
+    avg, mx = kernel.pool_candidates(x, 2)
     ref_avg, ref_mx = pool_candidates_reference(x, 2)
     used, ref_used = (avg, ref_avg) if which == "avg" else (mx, ref_mx)
     got = torch.autograd.grad(used.square().sum(), x)[0]
@@ -64,11 +63,11 @@ def test_backward_with_one_pool_unused(which):
     assert_close(got, want, 1e-6, 1e-6, f"only {which} used")
 
 
-def test_nan_propagates_through_max_pool_as_pytorch_does():
+def test_nan_propagates_through_max_pool_as_pytorch_does(implementation):
     x = torch.randn(1, 1, 4, 5, device=DEVICE)
     x[0, 0, 1, 2] = float("nan")
     x.requires_grad_()
-    avg, mx = pool_candidates_triton(x, 1)
+    avg, mx = kernel.pool_candidates(x, 1)
     ref_avg, ref_mx = pool_candidates_reference(x, 1)
     assert torch.equal(mx.isnan(), ref_mx.isnan())
     got = torch.autograd.grad(mx, x, torch.ones_like(mx))[0]
@@ -77,31 +76,43 @@ def test_nan_propagates_through_max_pool_as_pytorch_does():
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-def test_dispatch_custom_op_matches_reference_and_passes_opcheck(stride):
+def test_custom_op_matches_reference_and_passes_opcheck(monkeypatch, implementation, stride):
     x = make_input((2, 3, 7, 5), torch.float32, 4, ties=True)
-    avg, mx = torch.ops.supernet.pool_candidates(x, stride)
+    calls = []
+    for name in ("pool_candidates_forward", "pool_candidates_backward"):
+        original = getattr(kernel, name)
+        monkeypatch.setattr(kernel, name, lambda *a, name=name, original=original: calls.append(name) or original(*a))
+    avg, mx = kernel.pool_candidates(x, stride)
+    got = torch.autograd.grad((avg, mx), x, (torch.ones_like(avg), 2 * torch.ones_like(mx)))[0]
+    assert calls == (["pool_candidates_forward", "pool_candidates_backward"] if implementation == "triton" else [])
     ref_avg, ref_mx = pool_candidates_reference(x, stride)
     assert_close(avg, ref_avg, 1e-6, 1e-6, "avg")
     assert torch.equal(mx, ref_mx)
-    got = torch.autograd.grad((avg, mx), x, (torch.ones_like(avg), 2 * torch.ones_like(mx)))[0]
     want = torch.autograd.grad((ref_avg, ref_mx), x, (torch.ones_like(avg), 2 * torch.ones_like(mx)))[0]
     assert_close(got, want, 1e-6, 1e-6, "dL/dx")
-    torch.library.opcheck(torch.ops.supernet.pool_candidates.default, (x, stride))
+    # the ops are forward-only (the wrappers are their autograd): checked on an input that does not require grad
+    torch.library.opcheck(torch.ops.supernet.pool_candidates.default, (x.detach(), stride))
+    grads = (torch.randn_like(avg), torch.randn_like(mx))
+    torch.library.opcheck(torch.ops.supernet.pool_candidates_backward.default, (x.detach(), stride, *grads))
 
 
 @pytest.mark.parametrize("bad, message", [
-    (lambda: pool_candidates_triton(torch.zeros(3, 4, 5), 1), r"shape \(N, C, H, W\), got \(3, 4, 5\)"),
-    (lambda: pool_candidates_triton(torch.zeros(1, 1, 4, 4), 3), "stride must be 1 or 2, got 3"),
+    (lambda: kernel.pool_candidates(torch.zeros(3, 4, 5), 1), r"shape \(N, C, H, W\), got \(3, 4, 5\)"),
+    (lambda: kernel.pool_candidates(torch.zeros(1, 1, 4, 4), 3), "stride must be 1 or 2, got 3"),
 ])
 def test_bad_input_is_refused_with_the_value_named(bad, message):
     with pytest.raises(ValueError, match=message):
         bad()
 
 
-def test_dispatch_runs_the_reference_on_the_cpu():
-    x = torch.randn(1, 2, 5, 5)
-    avg, mx = dispatch.pool_candidates(x, 1)
-    assert torch.equal(avg, pool_candidates_reference(x, 1)[0]) and torch.equal(mx, pool_candidates_reference(x, 1)[1])
+def test_fused_edge_runs_pytorchs_pools_on_the_cpu(monkeypatch):
+    # one op computing both pools is slower on the CPU than PyTorch's two pools (bench/README.md)
+    monkeypatch.setattr(kernel, "pool_candidates", lambda *a: pytest.fail("the kernel's wrapper ran on the CPU"))
+    ops = pool_edge(2, 1, 0.1, list(dispatch.POOLS))
+    x = torch.randn(2, 2, 5, 5)
+    got = dispatch.edge_outputs(ops, x, list(dispatch.POOLS), fused=True)
+    want = [bn(y) for bn, y in zip((ops[p][1] for p in dispatch.POOLS), pool_candidates_reference(x, 1))]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 # --- batch-norm statistics from the same pass -----------------------------------------------------
@@ -123,8 +134,8 @@ def check_pool_batch_norm(x, stride, momentum, tolerance):
         bn.running_mean.uniform_(-1, 1)
         bn.running_var.uniform_(0.5, 2)
     ref_bns = copy.deepcopy(bns)
-    avg, mx, mean, var = pool_stats_triton(x, stride)
-    got = [dispatch.batch_norm_with_stats(y, mean[k], var[k], bns[k]) for k, y in enumerate((avg, mx))]
+    avg, mx, mean, var = kernel.pool_stats(x, stride)
+    got = [batch_norm_with_stats(y, mean[k], var[k], bns[k]) for k, y in enumerate((avg, mx))]
     # reference: PyTorch's pools from the fp32 input, rounded as the kernel stores them, batch norm in fp32
     x32 = x.detach().float().requires_grad_()
     ref_pools = [y.to(dtype).float() for y in pool_candidates_reference(x32, stride)]
@@ -155,6 +166,7 @@ def check_pool_batch_norm(x, stride, momentum, tolerance):
 RMS_TOLERANCES = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 3e-2}
 
 
+@pytest.mark.usefixtures("triton_on_cpu")
 @settings(max_examples=12, deadline=None)
 @given(n=st.integers(1, 3), c=st.sampled_from([1, 3, 5, 6]), h=st.integers(1, 9), w=st.integers(1, 9),
        stride=st.sampled_from([1, 2]), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
@@ -165,6 +177,7 @@ def test_triton_statistics_give_batch_norm_after_the_pools(n, c, h, w, stride, d
     check_pool_batch_norm(x, stride, momentum, RMS_TOLERANCES[dtype])
 
 
+@pytest.mark.usefixtures("triton_on_cpu")
 @pytest.mark.parametrize("stride", [1, 2])
 def test_triton_statistics_merge_several_programs_per_plane(stride):
     # 35x33 at stride 1 is 1155 outputs a plane: two programs, merged by the second stage; a shifted
@@ -175,9 +188,9 @@ def test_triton_statistics_merge_several_programs_per_plane(stride):
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-def test_dispatch_statistics_op_matches_reference_and_passes_opcheck(stride):
+def test_statistics_wrapper_matches_reference_and_passes_opcheck(implementation, stride):
     x = make_input((2, 3, 7, 5), torch.float32, 5, ties=True)
-    got = torch.ops.supernet.pool_candidates_stats(x, stride)
+    got = kernel.pool_stats(x, stride)
     want = pool_stats_reference(x, stride)
     for a, b, what in zip(got, want, ("avg", "max", "mean", "var")):
         assert_close(a, b, 1e-6, 1e-6, what)
@@ -185,7 +198,7 @@ def test_dispatch_statistics_op_matches_reference_and_passes_opcheck(stride):
     dx = torch.autograd.grad(got, x, grads)[0]
     dx_ref = torch.autograd.grad(want, x, grads)[0]
     assert_close(dx, dx_ref, 1e-5, 1e-5, "dL/dx through the statistics")
-    torch.library.opcheck(torch.ops.supernet.pool_candidates_stats.default, (x, stride))
+    torch.library.opcheck(torch.ops.supernet.pool_candidates_stats.default, (x.detach(), stride))
 
 
 def pool_edge(c, stride, momentum, names):
@@ -197,15 +210,17 @@ def pool_edge(c, stride, momentum, names):
 
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("stride, momentum", [(1, 0.1), (2, None)])
-def test_edge_outputs_with_fused_pool_statistics_equal_the_modules(monkeypatch, stride, momentum, training):
-    # POOL_BN_FUSION on for the CPU sends edge_outputs through the statistics op (the reference kernel here)
+def test_edge_outputs_with_fused_pool_statistics_equal_the_modules(monkeypatch, triton_on_cpu, stride, momentum,
+                                                                   training):
+    # POOL_BN_FUSION on for the CPU sends edge_outputs through the statistics kernel (interpreted here)
     monkeypatch.setitem(dispatch.POOL_BN_FUSION, "cpu", True)
     names = [*dispatch.POOLS, "skip_connect"] if stride == 1 else list(dispatch.POOLS)  # skip: identity at stride 1
     ops = pool_edge(5, stride, momentum, names).train(training)
     ref_ops = copy.deepcopy(ops)
     x = make_input((3, 5, 9, 7), torch.float32, 3, ties=False)
     calls = []
-    monkeypatch.setattr(dispatch, "_pool_stats_op", lambda *a: calls.append(a) or pool_stats_reference(*a))
+    original = kernel.pool_stats_forward
+    monkeypatch.setattr(kernel, "pool_stats_forward", lambda *a: calls.append(a) or original(*a))
     got = dispatch.edge_outputs(ops, x, names, fused=True)
     assert len(calls) == (1 if training else 0), "training uses the one-pass statistics, eval the running ones"
     want = dispatch.edge_outputs(ref_ops, x, names, fused=False)
@@ -222,4 +237,4 @@ def test_edge_outputs_with_fused_pool_statistics_equal_the_modules(monkeypatch, 
 def test_batch_norm_with_stats_refuses_an_affine_batch_norm():
     y = torch.randn(2, 3, 4, 4)
     with pytest.raises(ValueError, match="non-affine batch norm"):
-        dispatch.batch_norm_with_stats(y, y.mean((0, 2, 3)), y.var((0, 2, 3)), nn.BatchNorm2d(3))
+        batch_norm_with_stats(y, y.mean((0, 2, 3)), y.var((0, 2, 3)), nn.BatchNorm2d(3))

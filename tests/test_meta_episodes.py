@@ -1,9 +1,14 @@
 """Few-shot episodes: class splits that never leak, correct N-way K-shot sampling, Omniglot reading."""
 
+import io
+import zipfile
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from supernet.meta import (
     EpisodeSampler,
@@ -108,6 +113,7 @@ def test_digits_default_has_forty_classes_split_by_digit():
     ({"n_way": 9}, ["n_way=9", "8 classes"]),
     ({"k_shot": 100, "query": 100}, ["k_shot + query", "200", "examples of class"]),
     ({"n_way": 0}, ["n_way must be a positive integer"]),
+    ({"k_shot": True}, ["k_shot must be a positive integer, got True"]),
 ])
 def test_sampler_rejects_impossible_episodes(kwargs, words):
     test_split = split_by_class(digits_fewshot())["test"]
@@ -126,6 +132,10 @@ def test_bad_tensors_and_fractions_are_clear_errors():
         fewshot_dataset(x, y.float())
     with pytest.raises(ValueError, match="summing to 1"):
         split_by_class(fewshot_dataset(x, y), (0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match="split fraction val must be a positive finite number, got nan"):
+        split_by_class(fewshot_dataset(x, y), (0.5, float("nan"), 0.5))  # NaN once slipped past the sum check
+    with pytest.raises(ValueError, match="three positive numbers"):
+        split_by_class(fewshot_dataset(x, y), (0.5, 0.5))
     with pytest.raises(ValueError, match="at least 3"):
         split_by_class(fewshot_dataset(x[:4], y[:4]))
 
@@ -137,8 +147,65 @@ def test_missing_omniglot_path_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no .zip files"):
         load_omniglot(tmp_path)
     (tmp_path / "broken.zip").write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="not a readable zip"):
+    with pytest.raises(ValueError, match="broken.zip' is not a readable zip"):
         load_omniglot(tmp_path)
+    (tmp_path / "broken.zip").unlink()
+    (tmp_path / "folder.zip").mkdir()
+    with pytest.raises(ValueError, match="folder.zip' is not a readable zip"):
+        load_omniglot(tmp_path)
+
+
+def png_bytes(seed: int = 0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (12, 12), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def omniglot_zip(path, members: dict[str, bytes]):
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+@pytest.mark.parametrize("bad", [b"", b"not an image", png_bytes()[:60], png_bytes()[:120]],
+                         ids=["empty", "text", "cut-in-header-chunks", "cut-in-pixel-data"])
+def test_an_unreadable_image_in_a_zip_names_the_zip_and_the_member(tmp_path, bad):
+    zip_path = omniglot_zip(tmp_path / "images_background.zip", {
+        "images_background/Alpha/character01/01.png": png_bytes(1),
+        "images_background/Alpha/character01/02.png": bad})
+    with pytest.raises(ValueError) as err:
+        load_omniglot(zip_path)
+    assert "images_background/Alpha/character01/02.png" in str(err.value) and str(zip_path) in str(err.value)
+
+
+@settings(max_examples=40, deadline=None)
+@given(cut=st.integers(0, 10_000), flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)),
+                                                  max_size=3))
+def test_a_damaged_png_either_loads_or_is_a_clear_error(tmp_path_factory, cut, flips):
+    data = bytearray(png_bytes())
+    for where, value in flips:
+        data[where % len(data)] = value
+    data = data[:len(data) - cut % len(data)] if cut % 2 else data
+    zip_path = omniglot_zip(tmp_path_factory.mktemp("zip") / "omniglot.zip", {
+        "images_background/Alpha/character01/01.png": bytes(data)})
+    try:
+        dataset = load_omniglot(zip_path, image_size=8, rotations=False)
+    except ValueError as err:
+        assert "01.png" in str(err) and str(zip_path) in str(err)
+    else:
+        assert dataset.image_shape == (1, 8, 8) and torch.isfinite(dataset.images).all()
+
+
+def test_a_zip_member_with_a_bad_checksum_names_the_zip_and_the_member(tmp_path):
+    good = png_bytes()
+    zip_path = omniglot_zip(tmp_path / "omniglot.zip", {"images_background/Alpha/character01/01.png": good})
+    raw = zip_path.read_bytes()
+    at = raw.index(good[20:40])  # stored uncompressed: flip a byte of the member's data
+    zip_path.write_bytes(raw[:at] + bytes([raw[at] ^ 0xFF]) + raw[at + 1:])
+    with pytest.raises(ValueError, match="01.png' in .*omniglot.zip'.*CRC"):
+        load_omniglot(zip_path)
 
 
 def test_omniglot_reader(data_dir):

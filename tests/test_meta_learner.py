@@ -11,6 +11,7 @@ from supernet.meta import (
     Episode,
     EpisodeSampler,
     MetaLearner,
+    NonFiniteUpdate,
     fewshot_dataset,
     maml_meta_gradient,
     split_by_class,
@@ -244,7 +245,7 @@ def test_bad_learner_inputs_are_clear_errors():
         MetaLearner(tiny_supernet(), "anil")
     with pytest.raises(ValueError, match="inner_steps must be a positive integer, got 0"):
         MetaLearner(tiny_supernet(), inner_steps=0)
-    with pytest.raises(ValueError, match="inner_lr_alphas must be a non-negative number"):
+    with pytest.raises(ValueError, match="inner_lr_alphas must be a non-negative finite number"):
         MetaLearner(tiny_supernet(), inner_lr_alphas=-1.0)
     learner = MetaLearner(tiny_supernet())
     episodes = image_tasks(1)
@@ -253,3 +254,71 @@ def test_bad_learner_inputs_are_clear_errors():
         learner.meta_step(episodes)
     with pytest.raises(ValueError, match="expected \\(batch, 1, height, width\\)"):
         learner.adapt(torch.randn(3, 2, 8, 8, dtype=torch.float64), torch.arange(3))
+
+
+@pytest.mark.parametrize("option, value", [
+    ("inner_lr_weights", float("inf")), ("inner_lr_alphas", float("nan")), ("meta_lr_weights", float("-inf")),
+    ("meta_lr_alphas", float("nan")), ("meta_lr_weights", True), ("inner_steps", True), ("inner_steps", 2.0),
+    ("inner_lr_weights", "0.1"),
+])
+def test_non_finite_rates_and_bools_are_refused(option, value):
+    with pytest.raises(ValueError, match=f"{option} must be a"):
+        MetaLearner(tiny_supernet(), **{option: value})
+
+
+def parameters_and_optimizer(learner):
+    state = learner.state_dict()
+    return ({k: v.clone() for k, v in state["network"].items()},
+            {k: {n: t.clone() for n, t in v.items()} for k, v in state["optimizer"]["state"].items()})
+
+
+def assert_unchanged(learner, before):
+    params, moments = parameters_and_optimizer(learner)
+    for k, v in before[0].items():
+        assert torch.equal(params[k], v), k
+    assert moments.keys() == before[1].keys()
+    for k, v in before[1].items():
+        for n, t in v.items():
+            assert torch.equal(moments[k][n], t), (k, n)
+
+
+@pytest.mark.parametrize("method", ["maml", "fomaml", "reptile"])
+def test_a_non_finite_loss_or_gradient_is_refused_before_it_is_applied(method):
+    learner = MetaLearner(tiny_supernet(), method, inner_steps=1)
+    learner.meta_step(image_tasks(2))  # Adam has moments now: they must survive the refused step too
+    before = parameters_and_optimizer(learner)
+    episodes = image_tasks(2, seed=1)
+    episodes.query_x[1, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteUpdate, match="non-finite"):
+        learner.meta_step(episodes)
+    assert_unchanged(learner, before)
+    episodes = image_tasks(2, seed=1)
+    episodes.support_x[0, 2, 0, 3, 3] = float("inf")
+    with pytest.raises(NonFiniteUpdate, match="non-finite"):
+        learner.meta_step(episodes)
+    assert_unchanged(learner, before)
+    learner.meta_step(image_tasks(2, seed=1))  # and it goes on from where it was
+
+
+@pytest.mark.parametrize("rate", [1e7, 1e300])
+def test_rates_that_overflow_a_float32_step_are_refused(rate):
+    # 1e300 is finite, but Adam's float32 step then raises from deep inside torch
+    with pytest.raises(ValueError, match="meta_lr_weights must be a non-negative finite number at most"):
+        MetaLearner(tiny_supernet(), "fomaml", meta_lr_weights=rate)
+
+
+def test_an_update_that_turns_a_weight_non_finite_is_undone():
+    learner = MetaLearner(tiny_supernet(), "reptile", inner_steps=1)
+    learner.meta_step(image_tasks(2))
+    before = parameters_and_optimizer(learner)
+    step = learner.optimizer.step
+
+    def overflowing_step():  # what a finite but huge direction times the rate does in float32
+        step()
+        with torch.no_grad():
+            learner.network.classifier.weight[0, 0] = float("inf")
+
+    learner.optimizer.step = overflowing_step
+    with pytest.raises(NonFiniteUpdate, match="the update made classifier.weight non-finite"):
+        learner.meta_step(image_tasks(2, seed=1))
+    assert_unchanged(learner, before)

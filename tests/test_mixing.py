@@ -65,7 +65,7 @@ def test_softmax_equals_the_explicit_weighted_sum_over_all_candidates(space, cel
     weights = F.softmax(net.alphas(cell.cell_type), dim=-1)
     with torch.no_grad():
         expected = _explicit_cell(cell, inputs, weights, _op_output(cell))
-        got = cell(list(inputs), net.mixing.plan(net)[cell.cell_type], fused=False)
+        got = cell(list(inputs), net.plans()[cell.cell_type], fused=False)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert all("none" not in edge.ops for edge in cell.edges)  # `none` has no module and costs nothing
 
@@ -76,7 +76,7 @@ def test_hard_gumbel_forward_equals_the_chosen_ops_and_gradients_reach_every_alp
     net.eval()
     x = torch.randn(3, 2, 8, 8)
     torch.manual_seed(7)
-    plans = net.mixing.plan(net)
+    plans = net.plans()
     chosen = {ct: [None] * net.space.num_edges for ct in net.space.cell_types}
     for ct, plan in plans.items():
         for node_plan in plan:
@@ -86,7 +86,7 @@ def test_hard_gumbel_forward_equals_the_chosen_ops_and_gradients_reach_every_alp
             if node_plan.weights is not None:
                 assert torch.equal(node_plan.weights, torch.ones_like(node_plan.weights))
     logits = net.forward_plans(x, plans)
-    only_chosen = net.forward_plans(x, Fixed(chosen).plan(net))
+    only_chosen = net.forward_plans(x, Fixed(chosen).plan(net.space, {}))
     assert torch.equal(logits, only_chosen)
     logits.square().sum().backward()
     for p in net.arch_parameters():
@@ -160,7 +160,7 @@ def test_partial_channels_match_pc_darts():
                     total = total + b * channel_shuffle(torch.cat([mixed, rest], dim=1), 2)
                 states.append(total)
             expected = torch.cat(states[2:], dim=1)
-            got = cell(list(inputs), net.mixing.plan(net)[ct], fused=False)
+            got = cell(list(inputs), net.plans()[ct], fused=False)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -195,3 +195,53 @@ def test_fixed_runs_the_genotype_and_derives_it():
         SearchNetwork("nb201", 4, 1, 5, mixing="fixed")
     with pytest.raises(ValueError, match="only taken with mixing='fixed'"):
         SearchNetwork("nb201", 4, 1, 5, genotype=genotype)
+
+
+def test_rules_declare_the_properties_the_search_loop_and_meta_learner_read():
+    props = {name: (MIXING.get(name).learns_alphas, MIXING.get(name).differentiable,
+                    MIXING.get(name).anneals_temperature) for name in MIXING.names()}
+    assert props == {"softmax": (True, True, False), "gumbel": (True, False, True), "sample": (False, False, False),
+                     "partial": (True, True, False), "fixed": (False, False, False)}
+    assert set(_net("darts", "partial").architecture()) == {"alphas", "betas"}
+    assert set(_net("darts", "softmax").architecture()) == {"alphas"}
+
+
+@pytest.mark.parametrize("tau", [0, -1, float("inf"), float("nan"), "1", True])
+def test_gumbel_temperature_must_be_a_positive_finite_number(tau):
+    # tau=0 used to hang forever in hard_sample's retry loop.
+    with pytest.raises(ValueError, match=r"gumbel temperature tau must be a positive finite number"):
+        SearchNetwork("darts", C=4, layers=2, num_classes=10, mixing="gumbel", tau=tau)
+    net = SearchNetwork("nb201", C=4, layers=1, num_classes=10, mixing="gumbel")
+    with pytest.raises(ValueError, match=r"gumbel temperature tau must be a positive finite number"):
+        net.mixing.tau = tau
+    assert net.mixing.tau == 10.0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_gumbel_names_non_finite_alphas_instead_of_looping(bad):
+    net = SearchNetwork("darts", C=4, layers=2, num_classes=10, mixing="gumbel")
+    with torch.no_grad():
+        net.alphas_reduce[3, 2] = bad
+    with pytest.raises(ValueError, match="non-finite alphas_reduce"):
+        net(torch.randn(2, 3, 8, 8))
+
+
+def test_gumbel_with_a_temperature_too_small_for_floats_is_named():
+    net = SearchNetwork("nb201", C=4, layers=1, num_classes=10, mixing="gumbel", tau=1e-300)
+    with torch.no_grad():
+        net.alphas_cell.normal_()
+    with pytest.raises(ValueError, match="tau=1e-300 gives non-finite probabilities for alphas_cell"):
+        net(torch.randn(2, 3, 8, 8))
+
+
+def test_gumbel_draws_stay_finite_when_the_exponential_draw_is_zero(monkeypatch):
+    # An exponential draw of exactly 0 gives an infinite Gumbel; it is clamped, not retried.
+    monkeypatch.setattr(torch.Tensor, "exponential_", lambda self: self.zero_())
+    hard, index = MIXING.get("gumbel")(tau=1.0).hard_sample(torch.randn(6, 5))
+    assert torch.isfinite(hard).all() and torch.equal(hard, F.one_hot(index, 5).float())
+
+
+def test_channel_shuffle_interleaves_the_groups():
+    x = torch.arange(6.0).reshape(1, 6, 1, 1)
+    assert channel_shuffle(x, 2).flatten().tolist() == [0.0, 3.0, 1.0, 4.0, 2.0, 5.0]
+    assert channel_shuffle(x, 3).flatten().tolist() == [0.0, 2.0, 4.0, 1.0, 3.0, 5.0]

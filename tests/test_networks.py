@@ -151,6 +151,54 @@ def test_bad_constructor_arguments_are_named():
         EvalNetwork("nb201", ALL_3X3, 4, 1, 5, auxiliary=True)
     with pytest.raises(ValueError, match="set_active needs mixing='sample'"):
         SearchNetwork("nb201", 4, 1, 5).set_active(None)
+    with pytest.raises(ValueError, match="stem_multiplier must be a positive integer, got 0"):
+        SearchNetwork("darts", 4, 3, 5, stem_multiplier=0)
+    with pytest.raises(ValueError, match="drop_path must be a non-negative finite number below 1.0, got nan"):
+        EvalNetwork("darts", DARTS_GENOTYPES["DARTS_V2"], 4, 3, 5, drop_path=float("nan"))
+
+
+@pytest.mark.parametrize("genotype, message", [
+    ((1, 2, 3, 4), "normal=1 is not a list of"),
+    ("Genotype(normal=1, ...)", "malformed genotype"),
+    (DARTS_GENOTYPES["DARTS_V2"]._replace(reduce_concat=[0, 2]), "reduce_concat names node 0"),
+    (DARTS_GENOTYPES["DARTS_V2"]._replace(normal_concat=[2, 9]), "normal_concat names node 9"),
+])
+def test_bad_evaluation_genotypes_are_refused_at_construction(genotype, message):
+    with pytest.raises(ValueError, match=message):
+        EvalNetwork("darts", genotype, 4, 3, 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_input_of_another_dtype_than_the_parameters_is_named(dtype):
+    x = torch.randn(2, 3, 8, 8, dtype=dtype)
+    search = SearchNetwork("darts", 4, 2, 5)
+    networks = [search, search.subnet(DARTS_GENOTYPES["DARTS_V2"]),
+                EvalNetwork("darts", DARTS_GENOTYPES["DARTS_V2"], 4, 2, 5), EvalNetwork("nb201", ALL_3X3, 4, 1, 5)]
+    for net in networks:
+        with pytest.raises(ValueError, match=f"dtype {dtype}; expected torch.float32"):
+            net(x)
+
+
+def test_networks_converted_to_float64_take_float64_input():
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    search = SearchNetwork("nb201", 4, 1, 5).double()
+    for net in (search, search.subnet(ALL_3X3), EvalNetwork("darts", DARTS_GENOTYPES["DARTS_V2"], 4, 2, 5).double()):
+        assert net(x).dtype == torch.float64
+    with pytest.raises(ValueError, match="dtype torch.float32; expected torch.float64"):
+        search(x.float())
+
+
+@pytest.mark.parametrize("space, layers, expected", [
+    ("darts", 5, [("cell", 4, False), ("cell", 8, True), ("cell", 8, False), ("cell", 16, True), ("cell", 16, False)]),
+    ("nb201", 1, [("cell", 4, False), ("residual", 8, True), ("cell", 8, False), ("residual", 16, True),
+                  ("cell", 16, False)]),
+])
+def test_spaces_declare_the_skeleton_the_networks_build(space, layers, expected):
+    blocks = get_space(space).blocks(4, layers)
+    assert [(b.kind, b.channels, b.reduction) for b in blocks] == expected
+    net = SearchNetwork(space, 4, layers, 5)
+    kinds = ["cell" if hasattr(cell, "edges") else "residual" for cell in net.cells]
+    assert kinds == [b.kind for b in blocks]
 
 
 def test_evaluation_network_trains_on_a_derived_genotype():

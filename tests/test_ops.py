@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from supernet.ops import OPS, DilConv, FactorizedReduce, Identity, SepConv, build_op
+from supernet.ops import OPS, DilConv, FactorizedReduce, Identity, PoolBN, SepConv, StartsWithReLU, build_op, pool_parts
 
 
 def test_registry_holds_both_spaces_ops():
@@ -79,3 +79,28 @@ def test_nb201_convs_have_a_bias_exactly_when_batch_norm_has_no_affine_shift():
 def test_none_is_zero_at_the_strided_resolution():
     y = build_op("none", 3, 2, affine=False)(torch.randn(1, 3, 5, 5))
     assert y.shape == (1, 3, 3, 3) and not y.any()
+
+
+RELU_FIRST = ("sep_conv_3x3", "sep_conv_5x5", "sep_conv_7x7", "dil_conv_3x3", "dil_conv_5x5", "conv_7x1_1x7",
+              "nor_conv_1x1", "nor_conv_3x3")
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_candidates_that_start_with_a_relu_declare_it_and_run_the_rest_from_relu_x(stride):
+    # the fused path shares one ReLU(x) between these: their declared stages must give their own output
+    x = torch.randn(2, 4, 7, 7)
+    for name in OPS:
+        op = build_op(name, 4, stride, affine=False)
+        assert isinstance(op, StartsWithReLU) == (name in RELU_FIRST), name
+        if name in RELU_FIRST:
+            torch.testing.assert_close(op.after_relu(torch.relu(x)), op(x), msg=name)
+
+
+def test_pool_candidates_declare_their_pool_and_batch_norm():
+    pool, bn = pool_parts(build_op("avg_pool_3x3", 4, 2, affine=False, pool_batchnorm=True))
+    assert isinstance(pool, nn.AvgPool2d) and pool.stride == 2 and isinstance(bn, nn.BatchNorm2d)
+    pool, bn = pool_parts(build_op("max_pool_3x3", 4, 1, affine=False))
+    assert isinstance(pool, nn.MaxPool2d) and bn is None
+    op = build_op("max_pool_3x3", 4, 1, affine=False, pool_batchnorm=True)
+    assert isinstance(op, PoolBN) and list(op.state_dict()) == ["1.running_mean", "1.running_var",
+                                                                 "1.num_batches_tracked"]

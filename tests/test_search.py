@@ -9,7 +9,8 @@ import torch
 
 import supernet
 from supernet import data, runs
-from supernet.trainer import METHODS, DivergenceError, SearchConfig, Searcher
+from supernet.search_config import METHODS, SearchConfig
+from supernet.search_loop import DivergenceError, Searcher
 
 TINY = dict(C=4, layers=3, epochs=2, batch_size=16, steps_per_epoch=2, max_train=128, spos_candidates=3,
             retrain_epochs=0)
@@ -129,7 +130,7 @@ def test_search_writes_a_complete_run_folder(finished):
 
 def test_load_run_rebuilds_the_trained_supernet(finished):
     result, _ = finished
-    run = runs.load_run(result.run_dir)
+    run = supernet.load_run(result.run_dir)
     assert run.genotype == result.genotype and run.network.derive() == result.genotype
     final = result.history["alphas"][-1]
     for ct in run.network.space.cell_types:
@@ -167,6 +168,135 @@ def test_corrupt_or_foreign_checkpoints_are_refused(finished, tmp_path):
         runs.load_checkpoint(checkpoint)
     checkpoint.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="does not start with the supernet checkpoint marker"):
-        runs.load_run(run_dir)
+        supernet.load_run(run_dir)
     with pytest.raises(ValueError, match="is not a run folder"):
         supernet.search(resume=tmp_path / "missing")
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(epochs="3"), "epochs must be a positive integer, got '3'"),
+    (dict(C=2.5), "C must be a positive integer, got 2.5"),
+    (dict(w_lr=float("inf")), "w_lr must be a positive finite number, got inf"),
+    (dict(method="gdas", a_lr=float("inf")), "a_lr must be a positive finite number, got inf"),
+    (dict(a_lr=-1.0), "a_lr must be a positive finite number, got -1.0"),
+    (dict(w_momentum=-0.5), "w_momentum must be a non-negative finite number below 1.0, got -0.5"),
+    (dict(grad_clip=float("nan")), "grad_clip must be a positive finite number, got nan"),
+    (dict(val_fraction=1.5), "val_fraction must be a number in (0, 1), got 1.5"),
+    (dict(arch_warmup_epochs=6), "arch_warmup_epochs=6 must be below epochs=6"),
+    (dict(method="nope"), "unknown method 'nope'"),
+    (dict(dataset="mnist"), "unknown dataset 'mnist'"),
+    (dict(data_dir=3), "data_dir must be a string or None, got 3"),
+    (dict(retrain_nesterov="yes"), "retrain_nesterov must be True or False, got 'yes'"),
+    (dict(retrain_momentum=0.0), "retrain_nesterov needs a positive retrain_momentum"),
+    (dict(retrain_weight_decay=-1e-4), "retrain_weight_decay must be a non-negative finite number"),
+])
+def test_config_refuses_bad_values_clearly(options, message):
+    with pytest.raises(ValueError) as err:
+        SearchConfig(**options)
+    assert message in str(err.value)
+
+
+def test_warm_up_may_cover_every_epoch_only_where_no_alphas_are_learned():
+    assert SearchConfig(method="spos", epochs=2, arch_warmup_epochs=2).arch_warmup_epochs == 2
+    assert SearchConfig(method="darts", epochs=2, arch_warmup_epochs=1).arch_warmup_epochs == 1
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(epochs="3"), "epochs must be a positive integer"),
+    (dict(a_lr=-1.0), "a_lr must be a positive finite number"),
+    (dict(method="pc-darts", partial_k=3), "cannot divide C=4 channels"),
+    (dict(batch_size=100000), "batch_size=100000 is larger than"),
+    (dict(retrain_epochs=1, retrain_batch_size=100000), "batch_size=100000 is larger than"),
+    (dict(data=(torch.rand(40, 1, 6, 6), torch.zeros(40, dtype=torch.long))), "at least two classes"),
+])
+def test_a_refused_search_leaves_no_run_folder(options, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        supernet.search(out=tmp_path / "runs", **{**TINY, **options})
+    with pytest.raises(ValueError, match=message):
+        supernet.search(run_dir=tmp_path / "mine", **{**TINY, **options})
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_folder_that_is_not_a_run_is_not_overwritten(tmp_path):
+    (tmp_path / "config.json").write_text("mine")
+    with pytest.raises(ValueError, match="exists and is not an empty folder"):
+        supernet.search(run_dir=tmp_path, **TINY)
+    assert (tmp_path / "config.json").read_text() == "mine"
+
+
+@pytest.mark.parametrize("parameters", ["weights", "alphas"])
+def test_non_finite_gradients_stop_the_run_before_they_are_applied(parameters, split, tmp_path):
+    searcher = Searcher(SearchConfig(**TINY), split, tmp_path / "checkpoint.pt")
+    watched = searcher.net.weight_parameters() if parameters == "weights" else searcher.net.arch_parameters()
+    watched[-1].register_hook(lambda grad: grad * float("nan"))
+    before = [t.detach().clone() for t in watched]
+    with pytest.raises(DivergenceError, match="the gradient of the .* became nan at epoch 1, step 1"):
+        searcher.run()
+    for t, b in zip(watched, before, strict=True):
+        assert torch.equal(t, b)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_a_non_finite_state_is_never_checkpointed(split, tmp_path):
+    def poison(searcher):  # a batch-norm statistic goes bad after a step whose loss was finite
+        if (searcher.epoch, searcher.step) == (0, 2):
+            searcher.net.stem[1].running_var.fill_(float("inf"))
+
+    path = tmp_path / "checkpoint.pt"
+    searcher = Searcher(SearchConfig(**dict(TINY, steps_per_epoch=3, checkpoint_every=1)), split, path,
+                        callback=poison)
+    with pytest.raises(DivergenceError, match=r"1 tensors of the network or optimizer state are not finite"):
+        searcher.run()
+    state = runs.load_checkpoint(path)
+    assert (state["epoch"], state["step"]) == (0, 2)
+    assert all(torch.isfinite(t).all() for t in state["net"].values() if t.is_floating_point())
+
+
+def test_an_edited_checkpoint_header_is_refused(finished, tmp_path):
+    result, _ = finished
+    run_dir = tmp_path / "copy"
+    shutil.copytree(result.run_dir, run_dir)
+    checkpoint = run_dir / "checkpoint.pt"
+    raw = checkpoint.read_bytes()
+    assert raw.count(b'"epochs": 2') == 1
+    checkpoint.write_bytes(raw.replace(b'"epochs": 2', b'"epochs": 9'))
+    with pytest.raises(ValueError, match="is corrupt: its header and contents do not match the stored checksum"):
+        supernet.search(resume=run_dir)
+    with pytest.raises(ValueError, match="is corrupt"):
+        supernet.load_run(run_dir)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_run_files_get_the_users_umask(umask, mode, tmp_path):
+    import os
+
+    old = os.umask(umask)
+    try:
+        json_file = runs.atomic_write_json({"a": 1}, tmp_path / "a.json")
+        checkpoint = runs.save_checkpoint(tmp_path / "checkpoint.pt", {"config": {}})
+    finally:
+        os.umask(old)
+    assert json_file.stat().st_mode & 0o777 == mode
+    assert checkpoint.stat().st_mode & 0o777 == mode
+
+
+def test_run_folder_io_imports_nothing_above_it():
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(runs))
+    relative = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level]
+    absolute = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    assert relative == [] and not any(name.startswith("supernet") for name in absolute)
+    assert supernet.load_run.__module__ == "supernet.search_run"
+
+
+def test_retraining_settings_are_config_fields(split):
+    from supernet.retrain import train_from_scratch
+
+    genotype = supernet.get_space("darts").random_genotype(__import__("random").Random(0))
+    base = dict(TINY, retrain_epochs=1, retrain_C=4, retrain_layers=2, retrain_batch_size=64)
+    a = train_from_scratch(genotype, SearchConfig(**base), split, seed=1)
+    b = train_from_scratch(genotype, SearchConfig(**base, retrain_momentum=0.5, retrain_nesterov=False,
+                                                  retrain_weight_decay=0.0, retrain_grad_clip=0.1), split, seed=1)
+    assert math.isfinite(a["final_train_loss"]) and a["final_train_loss"] != b["final_train_loss"]

@@ -84,3 +84,23 @@ def test_zero_step_is_the_first_order_gradient(problem):
     first, _ = first_order_gradient(net, val)
     for h, f in zip(hyper, first, strict=True):
         torch.testing.assert_close(h, f, rtol=1e-9, atol=1e-12)
+
+
+def test_an_error_inside_the_unrolled_step_leaves_the_weights_as_they_were(problem, monkeypatch):
+    from supernet import architect
+
+    net, train, val = problem
+    before = [w.detach().clone() for w in net.weight_parameters()]
+    real_loss_on, calls = architect.loss_on, []
+
+    def failing_loss_on(net, batch):  # the second loss is the one at the moved weights w'
+        calls.append(batch)
+        if len(calls) == 2:
+            raise RuntimeError("interrupted at w'")
+        return real_loss_on(net, batch)
+
+    monkeypatch.setattr(architect, "loss_on", failing_loss_on)
+    with pytest.raises(RuntimeError, match="interrupted at w'"):
+        unrolled_gradient(net, train, val, xi=0.5)
+    for w, b in zip(net.weight_parameters(), before, strict=True):
+        assert torch.equal(w, b)

@@ -1,4 +1,5 @@
 import random
+import time
 
 import pytest
 import torch
@@ -29,7 +30,8 @@ def darts_genotypes(draw, nodes=st.integers(1, 6), ops=st.sampled_from(PRIMITIVE
     for cell in ("normal", "reduce"):
         n = draw(nodes)
         fields[cell] = [(draw(ops), draw(st.integers(0, i + 1))) for i in range(n) for _ in range(2)]
-        fields[cell + "_concat"] = draw(st.lists(st.integers(0, n + 1), min_size=1, max_size=n + 2))
+        # concat names distinct intermediate nodes (2..n+1); inputs 0 and 1 are not results
+        fields[cell + "_concat"] = draw(st.lists(st.integers(2, n + 1), min_size=1, max_size=n, unique=True))
     return Genotype(**fields)
 
 
@@ -136,11 +138,34 @@ def test_derivation_checks_the_weight_shapes():
     ("Genotype(normal=[('sep_conv_3x3', 0)], normal_concat=[2], reduce=[], reduce_concat=[2])", "two per node"),
     ("Genotype(normal=[('sep_conv_3x3', 0), ('skip_connect', 1)], normal_concat=[2], reduce=[('skip_connect', 0), "
      "('skip_connect', 1)], reduce_concat=[7])", "reduce_concat names node 7"),
+    # concat must name distinct intermediate nodes: inputs 0 and 1 are not results
+    ("Genotype(normal=[('sep_conv_3x3', 0), ('skip_connect', 1)], normal_concat=[2], reduce=[('skip_connect', 0), "
+     "('skip_connect', 1)], reduce_concat=[0, 2])", "reduce_concat names node 0"),
+    ("Genotype(normal=[('sep_conv_3x3', 0), ('skip_connect', 1)], normal_concat=[2, 2], reduce=[('skip_connect', 0), "
+     "('skip_connect', 1)], reduce_concat=[2])", "normal_concat names a node twice"),
+    # a field that is not a list of pairs
+    ("Genotype(normal=1, normal_concat=[2], reduce=[('skip_connect', 0), ('skip_connect', 1)], reduce_concat=[2])",
+     "normal=1 is not a list"),
+    ("Genotype(normal=1, ...)", "malformed genotype"),
+    ("Genotype(normal='ab', normal_concat=[2], reduce=[], reduce_concat=[2])", "normal='ab' is not a list"),
+    ("Genotype(normal=[('skip_connect', 0), ('skip_connect', 1)], normal_concat=5, reduce=[('skip_connect', 0), "
+     "('skip_connect', 1)], reduce_concat=[2])", "normal_concat=5 is not a list"),
     ("Genotype(normal=[('sep_conv_3x3', 0), ('skip_connect', 1)], normal_concat=[2])", "missing fields"),
 ])
 def test_malformed_darts_genotypes_are_named(text, message):
     with pytest.raises(ValueError, match=message):
         DARTS.parse(text)
+
+
+def test_a_huge_concat_range_is_refused_before_it_is_built():
+    text = ("Genotype(normal=[('sep_conv_3x3', 0), ('skip_connect', 1)], normal_concat=range(0, 10**7), "
+            "reduce=[('skip_connect', 0), ('skip_connect', 1)], reduce_concat=[2])").replace("10**7", str(10**12))
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=f"normal_concat names {10**12} nodes; at most"):
+        DARTS.parse(text)
+    assert time.perf_counter() - started < 0.5
+    small = text.replace(f"range(0, {10**12})", "range(2, 3)")
+    assert DARTS.parse(small).normal_concat == (2,)
 
 
 def test_genotypes_that_do_not_fit_the_darts_search_space_are_named():
@@ -171,3 +196,13 @@ def test_nb201_genotype_prints_as_the_arch_string():
     text = "|nor_conv_3x3~0|+|nor_conv_3x3~0|avg_pool_3x3~1|+|skip_connect~0|nor_conv_3x3~1|skip_connect~2|"
     g = NB201.parse(text)
     assert isinstance(g, NB201Genotype) and str(g) == text and repr(g) == f"NB201Genotype({text!r})"
+
+
+def test_spaces_declare_how_a_cell_is_read_and_drawn():
+    assert DARTS.output_nodes == (2, 3, 4, 5) and NB201.output_nodes == (3,)  # concat vs last node
+    assert DARTS.node_labels == ["c_{k-2}", "c_{k-1}", "0", "1", "2", "3"]
+    assert NB201.node_labels == ["0", "1", "2", "3"]
+    assert (DARTS.cell_type(True), DARTS.cell_type(False), NB201.cell_type(False)) == ("reduce", "normal", "cell")
+    states = [torch.full((1, 1, 2, 2), float(n)) for n in range(6)]
+    assert DARTS.cell_output(states).flatten(1)[:, ::4].tolist() == [[2.0, 3.0, 4.0, 5.0]]
+    assert NB201.cell_output(states[:4]) is states[3]

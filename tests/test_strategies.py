@@ -2,6 +2,7 @@
 exact resumption, and clear errors."""
 
 import itertools
+import math
 import random
 import statistics
 
@@ -9,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from strategies import DecisionSpace, Evaluation, QLearning, list_strategies, make_strategy, restore, search
+from strategies import STRATEGIES, DecisionSpace, Evaluation, QLearning, list_strategies, make_strategy, restore, search
 from supernet import get_space
 from supernet.spaces import DartsSpace, NB201Space
 
@@ -234,7 +235,7 @@ def test_evolution_keeps_only_the_latest_population():
 # --- bad input -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("budget", [0, -3, 2.5, True])
 def test_a_budget_that_is_not_a_positive_integer_is_a_clear_error(budget):
-    with pytest.raises(ValueError, match="budget must be a positive number of evaluations"):
+    with pytest.raises(ValueError, match="budget must be a positive integer"):
         make_strategy("random", "nb201", budget)
 
 
@@ -245,8 +246,40 @@ def test_unknown_strategy_and_bad_options_are_clear_errors():
         make_strategy("random", "nb201", 10, population=3)
     with pytest.raises(ValueError, match="sample_size must be an integer in"):
         make_strategy("evolution", "nb201", 10, population=3, sample_size=4)
-    with pytest.raises(ValueError, match="alpha must be in"):
+    with pytest.raises(ValueError, match="alpha must be a non-negative finite number at most 1.0"):
         make_strategy("qlearning", "nb201", 10, alpha=1.5)
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("reinforce", {"lr": math.inf}, "lr must be a positive finite number"),
+    ("reinforce", {"lr": 0}, "lr must be a positive finite number"),
+    ("reinforce", {"baseline_decay": math.nan}, "baseline_decay must be a number in"),
+    ("reinforce", {"entropy_weight": -1e-3}, "entropy_weight must be a non-negative finite number"),
+    ("reinforce", {"hidden": 0}, "hidden must be a positive integer"),
+    ("qlearning", {"gamma": math.nan}, "gamma must be a non-negative finite number at most 1.0"),
+    ("qlearning", {"q_init": math.inf}, "q_init must be a finite number"),
+    ("qlearning", {"replay": True}, "replay must be a positive integer"),
+    ("evolution", {"population": 2.5}, "population must be a positive integer"),
+])
+def test_non_finite_or_out_of_range_strategy_options_are_clear_errors(name, options, message):
+    with pytest.raises(ValueError, match=message):
+        make_strategy(name, "nb201", 10, **options)
+
+
+def test_a_type_error_inside_a_strategy_constructor_is_not_reported_as_bad_options(monkeypatch):
+    # Known option names pass the signature check; the bug inside the constructor surfaces as itself.
+    class Broken(STRATEGIES.get("random")):
+        name = "broken-test"
+
+        def __init__(self, space, budget, seed=0, width=1):
+            super().__init__(space, budget, seed)
+            len(width)  # a TypeError from inside the constructor
+
+    monkeypatch.setitem(STRATEGIES._items, "broken-test", Broken)
+    with pytest.raises(TypeError, match="has no len"):
+        make_strategy("broken-test", "nb201", 10, width=3)
+    with pytest.raises(ValueError, match="bad options for strategy 'broken-test'.*depth"):
+        make_strategy("broken-test", "nb201", 10, depth=3)
 
 
 def test_protocol_misuse_is_a_clear_error():

@@ -69,8 +69,28 @@ def test_tabular_bad_inputs_are_clear_errors(synthetic_table, tmp_path):
     with pytest.raises(ValueError, match="expected an 'arch' column"):
         TabularBenchmark.load(tmp_path / "noarch.csv")
     (tmp_path / "text.csv").write_text("arch,val\nx,high\n")
-    with pytest.raises(ValueError, match="line 2: metrics must be numbers"):
+    with pytest.raises(ValueError, match=r"text.csv' line 2, column 'val': expected a finite number, got 'high'"):
         TabularBenchmark.load(tmp_path / "text.csv")
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf", "NaN", ""])
+def test_a_table_with_a_non_finite_accuracy_is_refused_at_load_naming_file_row_and_column(tmp_path, bad):
+    cells = ["|nor_conv_3x3~0|+|none~0|none~1|+|none~0|none~1|none~2|",
+             "|none~0|+|none~0|none~1|+|none~0|none~1|none~2|"]
+    path = tmp_path / "table.csv"
+    path.write_text(f"arch,val,lat_ms\n{cells[0]},91.5,3\n{cells[1]},{bad},2\n")
+    with pytest.raises(ValueError, match=rf"table.csv' line 3, column 'val': expected a finite number, got '{bad}'"):
+        TabularBenchmark.load(path)
+
+
+def test_a_binary_table_is_a_clear_error_naming_the_file(tmp_path):
+    path = tmp_path / "table.csv"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match=r"table.csv' is not a readable CSV text file"):
+        TabularBenchmark.load(path)
+    path.write_bytes(b"arch,val\nx,1\0\n")  # a NUL byte inside otherwise valid UTF-8
+    with pytest.raises(ValueError, match=r"table.csv' (is not a readable CSV|line 2)"):
+        TabularBenchmark.load(path)
 
 
 def test_join_merges_columns_and_refuses_missing_cells(synthetic_table, tmp_path):
@@ -94,18 +114,32 @@ def test_strategies_search_the_tabular_benchmark(synthetic_table):
     assert strategy.best().reward == max(table.rows[t.arch]["val"] for t in strategy.history)
 
 
-def test_real_nb201_table_matches_the_space_string_form(data_dir):
-    table = TabularBenchmark.load(data_dir / "nb201" / "nb201_12epoch.csv")
+def test_embedded_nb201_tables_match_the_space_string_form():
+    table = TabularBenchmark.load("nb201")
     assert len(table) == 15625
     for metric in ("cifar10-test", "cifar10-val", "cifar100-test", "imagenet-val"):
         table.check_metric(metric)
     # Every arch string is the space's own string form, so lookups by genotype hit.
     assert all(NB201.format(NB201.parse(a)) == a for a in table.rows)
-    latency = TabularBenchmark.load(data_dir / "nb201" / "nb201_latency.csv")
+    latency = TabularBenchmark.load("nb201-latency")
     joined = table.join(latency)
     g = NB201.parse("|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_conv_3x3~1|nor_conv_3x3~2|")
     row = joined.lookup(g)
     assert 0 < row["cifar10-val"] <= 100 and row["raspi4_ms"] > 0 and row["pixel2_ms"] > 0
+    assert TabularBenchmark.load("nb201") is table, "parsed once per process"
+
+
+def test_embedded_tables_equal_their_source_csvs(data_dir):
+    for name, file in (("nb201", "nb201_12epoch.csv"), ("nb201-latency", "nb201_latency.csv")):
+        assert TabularBenchmark.load(name).rows == TabularBenchmark.load(data_dir / "nb201" / file).rows
+
+
+def test_a_path_named_like_an_embedded_table_is_read_as_a_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "nb201").write_text("arch,val\n" + f"{NB201.format(NB201.random_genotype(random.Random(0)))},1.0\n")
+    assert len(TabularBenchmark.load("nb201")) == 1
+    with pytest.raises(ValueError, match="embedded tables"):
+        TabularBenchmark.load("nb202")
 
 
 # --- metrics and rewards -----------------------------------------------------------------------------
@@ -210,6 +244,17 @@ def test_supernet_evaluator_drives_a_search_with_a_latency_reward(small_supernet
 
 
 # --- command line ---------------------------------------------------------------------------------------
+def test_sample_command_runs_on_the_embedded_nb201_tables(tmp_path):
+    out = tmp_path / "out"
+    args = ["sample", "--benchmark", "nb201", "--latency-table", "nb201-latency", "--cost", "raspi4_ms",
+            "--strategy", "evolution", "--budget", "15", "--out", str(out), "--quiet"]
+    assert cli_main(args) == 0
+    table = TabularBenchmark.load("nb201").join(TabularBenchmark.load("nb201-latency"))
+    history = json.loads((out / "evolution.json").read_text())["history"]
+    assert len(history) == 15
+    assert all(t["metrics"] == table.rows[t["arch"]] for t in history)
+
+
 def test_sample_command_writes_history_plot_and_summary_and_resumes(synthetic_table, tmp_path):
     out = tmp_path / "out"
     args = ["sample", "--benchmark", str(synthetic_table), "--metric", "val", "--cost", "lat_ms",
@@ -235,20 +280,88 @@ def test_sample_command_bad_inputs_exit_with_one_clear_line(synthetic_table, tmp
     assert cli_main(base + ["--metric", "accuracy"]) == 2
     assert "unknown metric column 'accuracy'" in capsys.readouterr().err
     assert cli_main(base + ["--metric", "val", "--budget", "0"]) == 2
-    assert "budget must be a positive number of evaluations, got 0" in capsys.readouterr().err
+    assert "--budget must be a positive integer, got 0" in capsys.readouterr().err
     assert cli_main(base + ["--metric", "val", "--strategy", "annealing"]) == 2
     assert "unknown strategy 'annealing'" in capsys.readouterr().err
     assert cli_main(["sample", "--run", str(tmp_path / "no-run")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # no folder made by a run that failed its checks
+
+
+@pytest.mark.parametrize("target", ["0", "-5", "inf", "nan"])
+def test_a_target_that_is_not_a_positive_cost_is_refused_zero_included(synthetic_table, tmp_path, capsys, target):
+    args = ["sample", "--benchmark", str(synthetic_table), "--metric", "val", "--cost", "lat_ms",
+            "--target", target, "--out", str(tmp_path / "out")]
+    assert cli_main(args) == 2
+    assert f"--target (a cost value) must be a positive finite number, got {float(target)}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="target .* must be a positive finite number"):
+        TargetReward("val", "lat_ms", float(target))
+
+
+def test_a_small_target_is_honoured_not_ignored(synthetic_table):
+    # Every cell costs at least 1 ms, so a 0.5 ms target lowers every reward below the plain metric.
+    table = TabularBenchmark.load(synthetic_table)
+    arch = next(iter(table.rows))
+    plain = TabularEvaluator(table, "val")(NB201.parse(arch)).reward
+    assert TabularEvaluator(table, TargetReward("val", "lat_ms", 0.5))(NB201.parse(arch)).reward < plain
+
+
+def test_sample_refuses_a_folder_that_is_not_new_or_empty_and_an_unwritable_out(synthetic_table, tmp_path, capsys):
+    base = ["sample", "--benchmark", str(synthetic_table), "--metric", "val", "--strategy", "random", "--budget", "2"]
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "notes.txt").write_text("mine")
+    assert cli_main(base + ["--out", str(used)]) == 2
+    assert "exists and is not an empty folder" in capsys.readouterr().err
+    assert [p.name for p in used.iterdir()] == ["notes.txt"]
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert cli_main(base + ["--out", str(blocker / "out")]) == 2  # a path under a plain file
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and str(blocker / "out") in err
+    assert cli_main(base + ["--resume", "--out", str(tmp_path / "none")]) == 2
+    assert "--resume needs --out, the sample folder to continue" in capsys.readouterr().err
+
+
+def test_sample_without_out_makes_a_new_folder_each_time(synthetic_table, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["sample", "--benchmark", str(synthetic_table), "--metric", "val", "--strategy", "random", "--budget", "2"]
+    assert cli_main(args) == 0 and cli_main(args) == 0
+    folders = sorted((tmp_path / "samples").iterdir())
+    assert len(folders) == 2 and all((f / "random.json").is_file() for f in folders)
+    assert f"sample folder: {folders[0].relative_to(tmp_path)}" in capsys.readouterr().out
+
+
+def test_ctrl_c_under_quiet_names_the_real_folder_and_keeps_the_told_trials(synthetic_table, tmp_path, monkeypatch,
+                                                                             capsys):
+    from strategies import evaluators
+
+    calls = []
+
+    def interrupted(self, genotype):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(genotype)
+        return evaluators.Evaluation(1.0, {})
+
+    monkeypatch.setattr(evaluators.TabularEvaluator, "__call__", interrupted)
+    monkeypatch.chdir(tmp_path)
+    args = ["sample", "--benchmark", str(synthetic_table), "--metric", "val", "--strategy", "random", "--quiet"]
+    assert cli_main(args) == 130
+    (folder,) = (tmp_path / "samples").iterdir()
+    captured = capsys.readouterr()
+    assert captured.out == "" and f"--resume --out {folder.relative_to(tmp_path)}" in captured.err
+    assert len(json.loads((folder / "random.json").read_text())["history"]) == 3
 
 
 def test_sample_command_over_a_run_folder(tmp_path):
-    # A run folder as `supernet search` leaves it, read back through supernet.runs.load_run.
-    from supernet import runs, trainer
+    # A run folder as `supernet search` leaves it, read back through supernet.load_run.
+    from supernet import runs, search_config
 
-    config = trainer.SearchConfig(method="spos", space="nb201", C=4, layers=1, epochs=1, retrain_epochs=0, batch_size=64)
+    config = search_config.SearchConfig(method="spos", space="nb201", C=4, layers=1, epochs=1, retrain_epochs=0, batch_size=64)
     torch.manual_seed(0)
-    net = trainer.build_network(config, num_classes=10, in_channels=1)
+    net = search_config.build_network(config, num_classes=10, in_channels=1)
     run_dir = tmp_path / "search-spos"
     runs.save_checkpoint(run_dir / runs.CHECKPOINT, {"config": config.to_dict(), "net": net.state_dict(),
                                                       "genotype": None})
@@ -259,3 +372,55 @@ def test_sample_command_over_a_run_folder(tmp_path):
     assert len(history) == 3
     assert all(0 <= t["metrics"]["accuracy"] <= 100 and t["metrics"]["params"] > 0 for t in history)
     assert json.loads((out / "summary.json").read_text())["pareto_front"]
+
+
+def test_sample_a_run_searched_on_a_data_file_needs_the_same_data_file(tmp_path, capsys):
+    from supernet import runs, search_config
+    from supernet.data import fingerprint
+
+    x, y = load_digits()
+    x, y = x[:300], y[:300]
+    data_file = tmp_path / "data.pt"
+    torch.save({"images": x, "labels": y}, data_file)
+    config = search_config.SearchConfig(method="spos", space="nb201", C=4, layers=1, epochs=1, retrain_epochs=0,
+                                        batch_size=32, dataset="tensors", data_fingerprint=fingerprint(x, y))
+    torch.manual_seed(0)
+    net = search_config.build_network(config, num_classes=10, in_channels=1)
+    run_dir = tmp_path / "search-tensors"
+    runs.save_checkpoint(run_dir / runs.CHECKPOINT, {"config": config.to_dict(), "net": net.state_dict(),
+                                                      "genotype": None})
+    base = ["sample", "--run", str(run_dir), "--strategy", "random", "--budget", "2", "--bn-batches", "1"]
+
+    assert cli_main(base + ["--out", str(tmp_path / "without")]) == 2
+    assert "pass the same --data-file" in capsys.readouterr().err
+    other = tmp_path / "other.pt"
+    torch.save((x[:200], y[:200]), other)
+    assert cli_main(base + ["--data-file", str(other), "--out", str(tmp_path / "other")]) == 2
+    assert "are not the ones run" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    assert cli_main(base + ["--data-file", str(tmp_path / "junk.pt"), "--out", str(tmp_path / "junk")]) == 2
+    assert "junk.pt" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in ("without", "other", "junk"))
+
+    out = tmp_path / "out"
+    assert cli_main(base + ["--data-file", str(data_file), "--out", str(out)]) == 0
+    history = json.loads((out / "random.json").read_text())["history"]
+    assert len(history) == 2 and all(0 <= t["metrics"]["accuracy"] <= 100 for t in history)
+
+
+def test_a_data_file_is_refused_for_a_run_not_searched_on_tensors_and_without_run(synthetic_table, tmp_path, capsys):
+    from supernet import runs, search_config
+
+    config = search_config.SearchConfig(method="spos", space="nb201", C=4, layers=1, epochs=1, retrain_epochs=0)
+    net = search_config.build_network(config, num_classes=10, in_channels=1)
+    run_dir = tmp_path / "search-digits"
+    runs.save_checkpoint(run_dir / runs.CHECKPOINT, {"config": config.to_dict(), "net": net.state_dict(),
+                                                      "genotype": None})
+    data_file = tmp_path / "data.pt"
+    torch.save(load_digits(), data_file)
+    assert cli_main(["sample", "--run", str(run_dir), "--data-file", str(data_file), "--out", str(tmp_path / "a")]) == 2
+    assert "searched on dataset 'digits', not on tensors; leave out --data-file" in capsys.readouterr().err
+    assert cli_main(["sample", "--benchmark", str(synthetic_table), "--data-file", str(data_file),
+                     "--out", str(tmp_path / "b")]) == 2
+    assert "--data-file goes with --run" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import fields
 
 from ..cli import set_threads
@@ -63,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             shown = "" if f.name.startswith("meta_lr") else f" (default: {default})"  # theirs depends on --method
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=HELP[f.name] + shown)
     parser.add_argument("--out", default="runs", help="folder for the run folder")
+    parser.add_argument("--run-dir", default=None, help="the run folder itself, new or empty (default: a new "
+                        "folder under --out)")
     parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     # One thread: each op here is a few microseconds of work, so a second thread only adds
@@ -72,14 +75,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
 
-    from ..meta.run import describe, meta_learn
+    from ..meta.run import RunInterrupted, describe, meta_learn
 
     set_threads(args.threads)
     names = [f.name for f in fields(MetaConfig) if f.init]
     options = {n: getattr(args, n) for n in names if hasattr(args, n)}  # only what was given (resume checks it)
     if "split_fractions" in options:
         options["split_fractions"] = tuple(options["split_fractions"])
-    result = meta_learn(resume=args.resume, out=args.out, quiet=args.quiet, **options)
+    try:
+        result = meta_learn(resume=args.resume, out=args.out, run_dir=args.run_dir, quiet=args.quiet, **options)
+    except RunInterrupted as stop:
+        print(f"\nsupernet meta: interrupted; continue with: supernet meta --resume {stop.run_dir}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("\nsupernet meta: interrupted before a run folder was made", file=sys.stderr)
+        return 130
     print(describe(result))
     print(f"run folder: {result.run_dir} (curves: {result.paths['curves'].name}, results: "
           f"{result.paths['results'].name})")

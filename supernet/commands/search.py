@@ -1,20 +1,25 @@
 """`supernet search`: a one-shot search, then the derived and a random architecture retrained and compared.
 
 With no options this is the main job: first-order DARTS in the DARTS space on the embedded digits,
-a few minutes on 2 CPU cores. Every option is a field of `supernet.trainer.SearchConfig`, so the
+a few minutes on 2 CPU cores. Every option is a field of `supernet.SearchConfig`, so the
 command and `supernet.search(...)` take the same settings.
 """
 
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from ..cli import set_threads
+from ..cli import add_device_arguments, set_threads
+from ..distributed import PeerFailure
+from ..devices import PRECISIONS
+from ..search_config import DATASETS, METHODS, SearchConfig
+from ..search_loop import DivergenceError
+from ..search_run import search
 from ..spaces import list_spaces
-from ..trainer import METHODS, DivergenceError, SearchConfig, search
 
 HELP = {
     "method": "search method: " + "; ".join(f"{k}: {m.summary}" for k, m in METHODS.items()),
@@ -28,7 +33,11 @@ HELP = {
     "C": "initial channels of the search network",
     "layers": "cells of the search network (reductions at 1/3 and 2/3)",
     "epochs": "search epochs",
-    "batch_size": "search batch size (training and validation batches)",
+    "batch_size": "global search batch size (training and validation batches); under torchrun each of the W "
+                  "ranks takes batch_size / W of it",
+    "micro_batches": "cut each batch into this many parts with their own batch-norm statistics, gradients "
+                     "averaged (a W-rank run cuts it into W; --micro-batches W reproduces one in one process)",
+    "precision": "fp32, or autocast in bf16 or fp16 (with a gradient scaler); alphas stay fp32",
     "steps_per_epoch": "cap on steps per epoch (default: one pass over the training split)",
     "w_lr": "weight learning rate (SGD, momentum, cosine schedule)",
     "w_lr_min": "final weight learning rate of the cosine schedule",
@@ -47,12 +56,24 @@ HELP = {
     "retrain_epochs": "epochs to retrain the derived and a random architecture from scratch (0: skip)",
     "retrain_C": "initial channels of the retrained networks",
     "retrain_layers": "cells of the retrained networks",
-    "retrain_lr": "retraining learning rate (SGD, Nesterov momentum, cosine schedule)",
+    "retrain_lr": "retraining learning rate (SGD, cosine schedule)",
+    "retrain_momentum": "retraining SGD momentum",
+    "retrain_nesterov": "retraining uses Nesterov momentum (true or false)",
+    "retrain_weight_decay": "retraining weight decay",
+    "retrain_grad_clip": "retraining gradient-norm clip",
     "retrain_batch_size": "retraining batch size",
 }
-CHOICES = {"method": list(METHODS), "space": list_spaces(), "dataset": ["digits", "cifar10", "tensors"]}
+CHOICES = {"method": list(METHODS), "space": list_spaces(), "dataset": list(DATASETS), "precision": list(PRECISIONS)}
 OPTIONAL_TYPES = {"data_dir": str, "data_fingerprint": str, "max_train": int, "steps_per_epoch": int,
                   "w_weight_decay": float, "a_lr": float, "arch_warmup_epochs": int, "unrolled_xi": float}
+
+
+def _boolean(text: str) -> bool:
+    """'true'/'false' (also yes/no, 1/0) as a bool, for boolean options."""
+    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
 
 
 class _Explicit(argparse.Action):
@@ -69,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if f.name == "data_fingerprint":  # set from --data-file, never by hand
             continue
         default = f.default if f.default is not MISSING else None
-        kind = OPTIONAL_TYPES.get(f.name, type(default))
+        kind = OPTIONAL_TYPES.get(f.name, _boolean if isinstance(default, bool) else type(default))
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=default,
                             choices=CHOICES.get(f.name), action=_Explicit, help=HELP[f.name],
                             metavar=None if f.name in CHOICES else f.name.upper())
@@ -79,52 +100,74 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", type=Path, default=None, help="exact run folder to write (default: a new one in --out)")
     parser.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                         help="continue an interrupted run from its checkpoint (options given must match the run)")
+    add_device_arguments(parser)
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the search step (opt-in; the first step's time, compilation included, "
+                             "goes into results.json and the log)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars and no summary")
 
 
 def _load_data_file(path: Path):
+    """(images, labels) from a torch file, checked; ValueError naming the file otherwise."""
     import torch
 
+    from .. import data as data_module
+
+    name = f"--data-file {str(path)!r}"
     if not path.is_file():
-        raise ValueError(f"--data-file {str(path)!r} does not exist")
+        raise ValueError(f"{name} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unreadable file is a user error here
-        raise ValueError(f"--data-file {str(path)!r} cannot be read as a torch file: {err}") from None
+    except Exception as err:  # noqa: BLE001 (any unreadable file is a user error here)
+        # torch's own message would suggest weights_only=False, which would run the file's code
+        if isinstance(err, pickle.UnpicklingError) and "Unsupported global" in str(err):
+            raise ValueError(f"{name} holds objects other than tensors and plain containers; it is not "
+                             "loaded, since unpickling them could run code") from None
+        detail = "" if isinstance(err, pickle.UnpicklingError) else f": {str(err).splitlines()[0]}"
+        raise ValueError(f"{name} cannot be read as a torch file{detail}") from None
     if isinstance(obj, dict):
-        obj = (obj.get("images"), obj.get("labels"))
+        if set(obj) != {"images", "labels"}:
+            raise ValueError(f"{name} holds a dict with keys {sorted(map(str, obj))}; "
+                             "expected exactly ['images', 'labels']")
+        obj = (obj["images"], obj["labels"])
     if not isinstance(obj, (tuple, list)) or len(obj) != 2:
-        raise ValueError(f"--data-file {str(path)!r} must hold (images, labels) or {{'images': ..., 'labels': ...}}")
+        raise ValueError(f"{name} must hold (images, labels) or {{'images': ..., 'labels': ...}}")
+    data_module.check_tensors(*obj, what=name)
     return tuple(obj)
 
 
 def run(args: argparse.Namespace) -> int:
-
+    """Runs `supernet search` from parsed options."""
     set_threads(args.threads)
     names = [f.name for f in fields(SearchConfig) if f.name != "data_fingerprint"]
     explicit = getattr(args, "_explicit", set())
+    if args.data_file is not None and "dataset" in explicit and args.dataset != "tensors":
+        raise ValueError(f"--dataset {args.dataset} and --data-file both name the data; give only one")
     data = _load_data_file(args.data_file) if args.data_file is not None else None
     if args.resume is not None:
         options = {n: getattr(args, n) for n in names if n in explicit}
-        run_dir = args.resume
     else:
         options = {n: getattr(args, n) for n in names}
         if data is not None:
             options["dataset"] = "tensors"
         elif options["dataset"] == "tensors":
             raise ValueError("--dataset tensors needs --data-file")
-        run_dir = args.run_dir
+    opened: list[Path] = []  # the run folder, once made: an interruption names it even under --quiet
     try:
-        result = search(resume=args.resume, data=data, run_dir=run_dir, out=args.out, quiet=args.quiet, **options)
-    except DivergenceError as err:
+        result = search(resume=args.resume, data=data, run_dir=args.run_dir, out=args.out, quiet=args.quiet,
+                        on_run_dir=opened.append, device=args.device, compile=args.compile, **options)
+    except (DivergenceError, PeerFailure) as err:
         print(f"supernet search: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        where = run_dir if run_dir is not None else "RUN_DIR (the run folder printed above)"
-        print(f"\nsupernet search: interrupted; continue with: supernet search --resume {where}", file=sys.stderr)
+        if opened:
+            print(f"\nsupernet search: interrupted; continue with: supernet search --resume {opened[0]}",
+                  file=sys.stderr)
+        else:
+            print("\nsupernet search: interrupted before the run folder was made; nothing to resume", file=sys.stderr)
         return 130
-    if not args.quiet:
+    if not args.quiet and "search" in result.results:  # rank 0 (or one process) prints the summary
         r = result.results
         print(f"genotype: {r['genotype']}")
         print(f"search: {r['search']['seconds']:.1f} s, final validation accuracy of the supernet "

@@ -42,6 +42,16 @@ def _to_darts(key: str) -> str:
     return key
 
 
+def _tensor(name: str, value: object) -> torch.Tensor:
+    """`value` as a float32 tensor (DARTS alphas given as nested lists are accepted)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    try:
+        return torch.tensor(value, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name} must be a tensor or a nested list of numbers, got {type(value).__name__}") from None
+
+
 def from_darts(state_dict: Mapping[str, torch.Tensor], alphas_normal: torch.Tensor | None = None,
                alphas_reduce: torch.Tensor | None = None) -> SearchNetwork:
     """A softmax-mixing SearchNetwork holding a DARTS search network's weights and alphas.
@@ -55,8 +65,11 @@ def from_darts(state_dict: Mapping[str, torch.Tensor], alphas_normal: torch.Tens
         value = given if given is not None else state.get(name)
         if value is None:
             raise ValueError(f"missing {name}: pass it, or include it in the state_dict")
-        alphas[name] = value
+        alphas[name] = _tensor(name, value)
         state.pop(name, None)
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"DARTS state_dict entry {key!r} is a {type(value).__name__}; expected a tensor")
     for required in ("stem.0.weight", "classifier.weight"):
         if required not in state:
             raise ValueError(f"not a DARTS search-network state_dict: key {required!r} is missing")

@@ -8,8 +8,11 @@ so no split ever sees a rotation of another split's class.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from .. import checks
 
 ROTATIONS = (0, 90, 180, 270)  # rotated copies as extra classes (Santoro et al. 2016, Vinyals et al. 2016)
 SPLITS = ("train", "val", "test")
@@ -79,11 +82,21 @@ def with_rotations(dataset: FewShotDataset, angles: tuple[int, ...] = ROTATIONS)
     return FewShotDataset(images, labels, groups, dataset.name)
 
 
+def split_fractions(fractions: Any) -> tuple[float, float, float]:
+    """`fractions` as three positive finite floats summing to 1 (meta-train, meta-validation, meta-test)."""
+    if isinstance(fractions, (str, bytes)) or not hasattr(fractions, "__len__") or len(fractions) != 3:
+        raise ValueError(f"split fractions must be three positive numbers summing to 1, got {fractions!r}")
+    values = tuple(checks.number(f"split fraction {name}", f, positive=True)
+                   for name, f in zip(SPLITS, fractions))
+    if abs(sum(values) - 1.0) > 1e-6:
+        raise ValueError(f"split fractions must be three positive numbers summing to 1, got {values}")
+    return values
+
+
 def split_by_class(dataset: FewShotDataset, fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
                    seed: int = 0) -> dict[str, FewShotDataset]:
     """Meta-train / meta-validation / meta-test datasets with disjoint classes (whole groups go to one split)."""
-    if len(fractions) != 3 or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
-        raise ValueError(f"split fractions must be three positive numbers summing to 1, got {fractions}")
+    fractions = split_fractions(fractions)
     present = dataset.classes
     group_ids = torch.unique(dataset.groups[present])
     if group_ids.numel() < 3:
@@ -133,8 +146,7 @@ class EpisodeSampler:
 
     def __init__(self, dataset: FewShotDataset, n_way: int, k_shot: int, query: int, seed: int = 0) -> None:
         for name, value in (("n_way", n_way), ("k_shot", k_shot), ("query", query)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            checks.integer(name, value)
         sizes = dataset.class_sizes()
         if n_way > len(sizes):
             raise ValueError(f"n_way={n_way} is larger than the {len(sizes)} classes of {dataset.name}")
@@ -164,8 +176,7 @@ class EpisodeSampler:
 
     def sample_tasks(self, tasks: int) -> Episode:
         """`tasks` episodes stacked along a leading dimension."""
-        if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1:
-            raise ValueError(f"tasks must be a positive integer, got {tasks!r}")
+        checks.integer("tasks", tasks)
         return stack_episodes([self.sample() for _ in range(tasks)])
 
     def state_dict(self) -> dict:

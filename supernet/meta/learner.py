@@ -17,6 +17,7 @@ task gets its own copy of the running buffers, which are then dropped, so nothin
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -24,12 +25,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from .. import checks
+from ..mixing import MIXING
 from ..search_network import SearchNetwork
 from .episodes import Episode, stack_episodes
 
 Params = dict[str, torch.Tensor]
 METHODS = ("maml", "fomaml", "reptile")
-DIFFERENTIABLE_MIXING = ("softmax", "partial")
+# No useful rate comes near it, and far above it float32 steps overflow (Adam's step of rate / (1 - beta1)
+# cannot even be converted to float32 above about 3e37, and torch then raises from inside the optimizer).
+MAX_LEARNING_RATE = 1e6
+
+
+class NonFiniteUpdate(ValueError):
+    """A meta-step met a NaN or infinite loss, gradient or weight; the network was left as it was."""
 
 
 # --- the functional core (any nn.Module) ------------------------------------------------------
@@ -124,10 +133,18 @@ def reptile_direction(model: nn.Module, params: Params, frozen: Params, buffers:
 
 
 # --- the meta-learner over a SearchNetwork ----------------------------------------------------
-def _positive(name: str, value: Any, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
+def learning_rate(name: str, value: Any) -> float:
+    """An inner or meta learning rate: a finite number in [0, MAX_LEARNING_RATE]."""
+    return checks.number(name, value, non_negative=True, maximum=MAX_LEARNING_RATE)
+
+
+def _non_finite(tensors: Params) -> list[str]:
+    """Names of the tensors holding a NaN or an infinity."""
+    return [name for name, t in tensors.items() if not torch.isfinite(t).all()]
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 class AdaptedNetwork:
@@ -185,32 +202,31 @@ class MetaLearner:
                  meta_lr_alphas: float = 1e-3, learn_alphas: bool = True) -> None:
         if not isinstance(network, SearchNetwork):
             raise ValueError(f"MetaLearner needs a SearchNetwork, got {type(network).__name__}")
-        if network.mixing.name not in DIFFERENTIABLE_MIXING:
-            raise ValueError(f"meta-learning adapts alphas by gradient, so it needs mixing in "
-                             f"{list(DIFFERENTIABLE_MIXING)}, not {network.mixing.name!r}")
+        if not network.mixing.differentiable:
+            usable = [name for name in MIXING.names() if MIXING.get(name).differentiable]
+            raise ValueError(f"meta-learning adapts alphas by gradient, so it needs mixing in {usable}, "
+                             f"not {network.mixing.name!r}")
         # torch.func transforms cannot see through the fused custom ops; the reference path computes the
         # same numbers (tests/test_kernels_network.py), so meta-learning runs on it.
         network.fused = False
-        if method not in METHODS:
-            raise ValueError(f"unknown meta-learning method {method!r}; expected one of {list(METHODS)}")
-        if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
-            raise ValueError(f"inner_steps must be a positive integer, got {inner_steps!r}")
-        _positive("inner_lr_weights", inner_lr_weights, allow_zero=True)
-        _positive("inner_lr_alphas", inner_lr_alphas, allow_zero=True)
-        _positive("meta_lr_weights", meta_lr_weights, allow_zero=True)
-        _positive("meta_lr_alphas", meta_lr_alphas, allow_zero=True)
+        checks.choice("meta-learning method", method, METHODS)
+        checks.integer("inner_steps", inner_steps)
+        inner_lr_weights, inner_lr_alphas, meta_lr_weights, meta_lr_alphas = (
+            learning_rate(name, value) for name, value in (
+                ("inner_lr_weights", inner_lr_weights), ("inner_lr_alphas", inner_lr_alphas),
+                ("meta_lr_weights", meta_lr_weights), ("meta_lr_alphas", meta_lr_alphas)))
         self.network = network.train()
         self.method, self.inner_steps, self.learn_alphas = method, inner_steps, learn_alphas
-        self.inner_lr_weights, self.inner_lr_alphas = float(inner_lr_weights), float(inner_lr_alphas)
+        self.inner_lr_weights, self.inner_lr_alphas = inner_lr_weights, inner_lr_alphas
         arch = {id(p) for p in network.arch_parameters()}
         self.arch_names = [n for n, p in network.named_parameters() if id(p) in arch]
         self.adapted_names = [n for n, p in network.named_parameters() if learn_alphas or id(p) not in arch]
         self.lrs = {n: self.inner_lr_alphas if n in self.arch_names else self.inner_lr_weights
                     for n in self.adapted_names}
         weights = network.weight_parameters()
-        groups = [{"params": weights, "lr": float(meta_lr_weights)}]
+        groups = [{"params": weights, "lr": meta_lr_weights}]
         if learn_alphas:
-            groups.append({"params": network.arch_parameters(), "lr": float(meta_lr_alphas)})
+            groups.append({"params": network.arch_parameters(), "lr": meta_lr_alphas})
         else:
             for p in network.arch_parameters():
                 p.requires_grad_(False)
@@ -250,13 +266,26 @@ class MetaLearner:
                                   first_order=self.method == "fomaml")
 
     def meta_step(self, episodes: Episode) -> dict:
-        """One outer update from a stack of tasks; returns the post-adaptation query loss and accuracy."""
+        """One outer update from a stack of tasks; returns the post-adaptation query loss and accuracy.
+
+        NonFiniteUpdate (a ValueError) if the loss, a meta-gradient or an updated weight is NaN or
+        infinite; the network is then left as it was before the step.
+        """
         grads, stats = self.meta_gradient(episodes)
+        bad = [] if math.isfinite(stats["query_loss"]) else ["the query loss"]
+        bad += [f"the meta-gradient of {name}" for name in _non_finite(grads)]
+        if bad:
+            raise NonFiniteUpdate(f"{_listed(bad)} became non-finite")
+        before = copy.deepcopy(self.state_dict())
         self.optimizer.zero_grad(set_to_none=True)
         for name, p in self.network.named_parameters():
             if name in grads:
                 p.grad = grads[name].detach().clone()
         self.optimizer.step()
+        bad = _non_finite(dict(self.network.named_parameters()))
+        if bad:  # finite gradients times a huge (finite) rate can still overflow
+            self.load_state_dict(before)
+            raise NonFiniteUpdate(f"the update made {_listed(bad)} non-finite")
         return stats
 
     # --- adaptation ----------------------------------------------------------------------------

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import io
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .. import checks
 from .episodes import FewShotDataset, fewshot_dataset, with_rotations
+
+# What reading a damaged zip member or image raises: zipfile (bad CRC, truncation), zlib, and Pillow,
+# which raises OSError for unreadable or truncated images and SyntaxError for broken PNG chunks.
+_UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError)
 
 
 def omniglot_zips(path: "str | Path") -> list[Path]:
@@ -38,14 +44,13 @@ def load_omniglot(path: "str | Path", image_size: int = 28, rotations: bool = Tr
     """
     from PIL import Image
 
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 4:
-        raise ValueError(f"image_size must be an integer >= 4, got {image_size!r}")
+    checks.integer("image_size", image_size, minimum=4)
     drawings: dict[tuple[str, str], dict[str, np.ndarray]] = {}
     for zip_path in omniglot_zips(path):
         try:
             archive = zipfile.ZipFile(zip_path)
-        except zipfile.BadZipFile:
-            raise ValueError(f"{str(zip_path)!r} is not a readable zip file") from None
+        except (OSError, zipfile.BadZipFile, EOFError) as err:
+            raise ValueError(f"{str(zip_path)!r} is not a readable zip file ({err})") from None
         with archive:
             for name in archive.namelist():
                 parts = name.split("/")
@@ -54,8 +59,11 @@ def load_omniglot(path: "str | Path", image_size: int = 28, rotations: bool = Tr
                 key = (parts[1], parts[2])
                 if parts[3] in drawings.get(key, {}):
                     continue
-                with Image.open(io.BytesIO(archive.read(name))) as im:
-                    small = im.convert("L").resize((image_size, image_size), Image.LANCZOS)
+                try:
+                    with Image.open(io.BytesIO(archive.read(name))) as im:
+                        small = im.convert("L").resize((image_size, image_size), Image.LANCZOS)
+                except (*_UNREADABLE, Image.DecompressionBombError) as err:
+                    raise ValueError(f"cannot read image {name!r} in {str(zip_path)!r}: {err}") from None
                 drawings.setdefault(key, {})[parts[3]] = 1.0 - np.asarray(small, dtype=np.float32) / 255.0
     if not drawings:
         raise ValueError(f"no Omniglot images under {str(path)!r}; expected <split>/<alphabet>/<character>/*.png")

@@ -14,6 +14,7 @@ The whole state goes into one checkpoint, so an interrupted run resumes to ident
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -23,11 +24,11 @@ from typing import Any
 
 import torch
 
-from .. import runs
+from .. import checks, runs
 from ..search_network import SearchNetwork
 from ..spaces import list_spaces
-from .episodes import Episode, EpisodeSampler, FewShotDataset, digits_fewshot, split_by_class
-from .learner import METHODS, MetaLearner
+from .episodes import Episode, EpisodeSampler, FewShotDataset, digits_fewshot, split_by_class, split_fractions
+from .learner import METHODS, MetaLearner, NonFiniteUpdate, learning_rate
 from .omniglot import load_omniglot
 from .plots import plot_meta_curves
 
@@ -73,33 +74,28 @@ class MetaConfig:
     learners: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.split_fractions = tuple(float(f) for f in self.split_fractions)
-        if self.method not in METHODS:
-            raise ValueError(f"unknown meta-learning method {self.method!r}; expected one of {list(METHODS)}")
-        if self.dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {self.dataset!r}; expected one of {list(DATASETS)}")
+        checks.choice("meta-learning method", self.method, METHODS)
+        checks.choice("dataset", self.dataset, DATASETS)
         if self.dataset == "omniglot" and not self.data_dir:
             raise ValueError("dataset='omniglot' needs data_dir: a zip or a folder of Omniglot zips")
-        if self.space not in list_spaces():
-            raise ValueError(f"unknown space {self.space!r}; expected one of {list_spaces()}")
+        checks.choice("space", self.space, list_spaces())
+        self.split_fractions = split_fractions(self.split_fractions)
         for name in ("C", "layers", "n_way", "k_shot", "query", "test_query", "meta_steps", "meta_batch",
-                     "inner_steps", "test_inner_steps", "val_every", "val_episodes", "test_episodes", "image_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                     "inner_steps", "test_inner_steps", "val_every", "val_episodes", "test_episodes"):
+            checks.integer(name, getattr(self, name))
+        checks.integer("image_size", self.image_size, minimum=4)
         for name in ("checkpoint_every", "seed", "split_seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+            checks.integer(name, getattr(self, name), minimum=0)
+        for name in ("rotations", "baselines"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         default_meta_lr = REPTILE_META_LR if self.method == "reptile" else ADAM_META_LR
         if self.meta_lr_weights is None:
             self.meta_lr_weights = default_meta_lr
         if self.meta_lr_alphas is None:
             self.meta_lr_alphas = self.meta_lr_weights
         for name in ("inner_lr_weights", "inner_lr_alphas", "meta_lr_weights", "meta_lr_alphas"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+            setattr(self, name, learning_rate(name, getattr(self, name)))
         self.learners = LEARNERS if self.baselines else ("meta",)
 
     def to_dict(self) -> dict:
@@ -185,15 +181,15 @@ class MetaResult:
 
 
 class MetaRun:
-    """Meta-trains the config's learners in turn, checkpointing its whole state."""
+    """Meta-trains the config's learners in turn, checkpointing its whole state once `write_to` names a folder."""
 
-    def __init__(self, config: MetaConfig, splits: dict[str, FewShotDataset], checkpoint_path: Path | None = None,
-                 log: Callable[[str], None] | None = None, quiet: bool = True,
+    def __init__(self, config: MetaConfig, splits: dict[str, FewShotDataset], quiet: bool = True,
                  callback: Callable[["MetaRun"], None] | None = None) -> None:
         check_episodes(config, splits)
-        self.config, self.splits = config, splits
-        self.checkpoint_path, self.log, self.quiet, self.callback = checkpoint_path, log or (lambda m: None), quiet, \
-            callback
+        self.config, self.splits, self.quiet, self.callback = config, splits, quiet, callback
+        self.checkpoint_path: Path | None = None
+        self.log: Callable[[str], None] = lambda message: None
+        self.saved_at: tuple[str, int] | None = None  # (phase, step) of the checkpoint on disk
         in_channels = splits["train"].image_shape[0]
         self.learners = {name: build_learner(config, name, in_channels) for name in config.learners}
         trained = [n for n in config.learners if n != "none"]
@@ -204,6 +200,10 @@ class MetaRun:
         self.step = 0  # meta-steps done in the current phase
         self.elapsed = 0.0  # meta-training seconds before this process (resumed runs)
         self._started: float | None = None
+
+    def write_to(self, run_dir: Path) -> None:
+        """From now on, checkpoints go to `run_dir` and log lines to its log file."""
+        self.checkpoint_path, self.log = run_dir / runs.CHECKPOINT, runs.RunLog(run_dir / runs.LOG)
 
     def state(self) -> dict:
         return {"config": self.config.to_dict(), "phase": self.phase, "step": self.step, "elapsed": self.seconds(),
@@ -217,6 +217,7 @@ class MetaRun:
             sampler.load_state_dict(state["samplers"][n])
         self.history, self.phase, self.step, self.elapsed = state["history"], state["phase"], state["step"], \
             state["elapsed"]
+        self.saved_at = (self.phase, self.step)
 
     def seconds(self) -> float:
         return self.elapsed + (time.perf_counter() - self._started if self._started is not None else 0.0)
@@ -224,6 +225,7 @@ class MetaRun:
     def save(self) -> None:
         if self.checkpoint_path is not None:
             runs.save_checkpoint(self.checkpoint_path, self.state())
+            self.saved_at = (self.phase, self.step)
 
     def validate(self, name: str) -> None:
         accs, _ = evaluate(self.learners[name], self.splits["val"], self.config, self.config.val_episodes,
@@ -246,10 +248,14 @@ class MetaRun:
                 from tqdm import tqdm
                 progress = tqdm(progress, desc=f"meta-train {name}", initial=self.step, total=c.meta_steps)
             for _ in progress:
-                stats = learner.meta_step(self.samplers[name].sample_tasks(c.meta_batch))
-                if not math.isfinite(stats["query_loss"]):
-                    raise ValueError(f"the query loss of {name!r} became {stats['query_loss']} at meta-step "
-                                     f"{self.step + 1}; lower the inner or meta learning rates")
+                try:
+                    stats = learner.meta_step(self.samplers[name].sample_tasks(c.meta_batch))
+                except NonFiniteUpdate as err:  # nothing was applied or saved
+                    kept = "no checkpoint was written" if self.saved_at is None else \
+                        f"the last checkpoint, {str(self.checkpoint_path)!r} (learner {self.saved_at[0]!r}, " \
+                        f"meta-step {self.saved_at[1]}), is kept"
+                    raise ValueError(f"meta-training {name!r} stopped at meta-step {self.step + 1}: {err}; {kept}; "
+                                     "lower the inner or meta learning rates") from None
                 self.step += 1
                 history["train"].append({"step": self.step, **stats})
                 if self.step % c.val_every == 0 or self.step == c.meta_steps:
@@ -265,6 +271,14 @@ class MetaRun:
         self.phase, self.step = "done", 0
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a meta run, after its run folder was made; `run_dir` is the folder to resume."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(str(run_dir))
+        self.run_dir = run_dir
+
+
 def _resolve_config(options: dict, resume: Path | None) -> MetaConfig:
     if resume is None:
         return MetaConfig.from_dict(options)
@@ -275,25 +289,44 @@ def meta_learn(*, resume: "str | Path | None" = None, out: "str | Path" = "runs"
                quiet: bool = True, callback: Callable[[MetaRun], None] | None = None, **options: Any) -> MetaResult:
     """Meta-trains, tests against the baselines on the same episodes, and writes a run folder.
 
-    `options` are `MetaConfig` fields. `resume=RUN_DIR` continues an interrupted run (options given
-    then must match it). `callback(run)` is called after every meta-step (monitoring, tests).
+    `options` are `MetaConfig` fields. `run_dir` must be new or empty (default: a new folder under
+    `out`); `resume=RUN_DIR` continues an interrupted run (options given then must match it).
+    `callback(run)` is called after every meta-step (monitoring, tests). Ctrl-C after the run folder
+    exists raises `RunInterrupted`, which names it.
     """
     if resume is not None:
         resume = Path(resume)
         if not resume.is_dir():
             raise ValueError(f"cannot resume: {str(resume)!r} is not a run folder")
+        if run_dir is not None and Path(run_dir) != resume:
+            raise ValueError(f"resume ({str(resume)!r}) and run_dir ({str(run_dir)!r}) name different folders; "
+                             "give one")
         run_dir = resume
+    # every check before the run folder is opened, so a run that cannot start leaves no folder behind
     config = _resolve_config(options, resume)
     splits = load_fewshot(config)
-    check_episodes(config, splits)  # before a run folder exists
-    run_dir = Path(run_dir) if run_dir is not None else runs.new_run_dir(out, f"meta-{config.method}")
-    log = runs.RunLog(run_dir / runs.LOG)
-    runs.atomic_write_json(config.to_dict(), run_dir / runs.CONFIG)
-    meta_run = MetaRun(config, splits, run_dir / runs.CHECKPOINT, log, quiet, callback)
+    meta_run = MetaRun(config, splits, quiet, callback)
     if resume is not None:
-        meta_run.load_state(runs.load_checkpoint(run_dir / runs.CHECKPOINT, config.to_dict()))
+        meta_run.load_state(runs.load_checkpoint(resume / runs.CHECKPOINT, config.to_dict()))
+    run_dir = runs.open_run_dir(run_dir, out, f"meta-{config.method}", resume=resume is not None)
+    try:
+        return _meta_learn_in(run_dir, meta_run, resumed=resume is not None, quiet=quiet)
+    except KeyboardInterrupt:
+        raise RunInterrupted(run_dir) from None
+
+
+def _meta_learn_in(run_dir: Path, meta_run: MetaRun, resumed: bool, quiet: bool) -> MetaResult:
+    """The run itself, once its folder is open: meta-train (or go on), test, write the results."""
+    config, splits = meta_run.config, meta_run.splits
+    if not quiet:
+        print(f"run folder: {run_dir}", file=sys.stderr)
+    meta_run.write_to(run_dir)
+    log = meta_run.log
+    if resumed:
         log(f"resumed: {meta_run.phase}, meta-step {meta_run.step}")
     else:
+        runs.atomic_write_json(config.to_dict(), run_dir / runs.CONFIG)
+        meta_run.save()  # a checkpoint from the start: an interrupted run can always be resumed
         log(f"meta-learning started: {config.method} on {config.dataset}, {config.n_way}-way {config.k_shot}-shot, "
             f"seed {config.seed}; classes meta-train/val/test "
             f"{[splits[s].num_classes for s in ('train', 'val', 'test')]}")
@@ -347,5 +380,5 @@ def describe(result: MetaResult) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["MetaConfig", "MetaResult", "MetaRun", "meta_learn", "describe", "evaluate", "confidence_interval",
+__all__ = ["MetaConfig", "MetaResult", "MetaRun", "RunInterrupted", "meta_learn", "describe", "evaluate", "confidence_interval",
            "load_fewshot", "build_learner", "build_network"]

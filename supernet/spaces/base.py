@@ -1,10 +1,11 @@
-"""What every cell-based search space declares: its ops, cell shape, genotype type and rules."""
+"""What every cell-based search space declares: its ops, cell shape, network skeleton and rules."""
 
 from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,6 +14,15 @@ import torch
 # edge the architecture does not use.
 Path = tuple[int | None, ...]
 Paths = dict[str, Path]
+
+
+@dataclass(frozen=True)
+class Block:
+    """One position of a network's body: a cell, or a fixed residual block that halves the resolution."""
+
+    kind: str  # "cell" or "residual"
+    channels: int  # the cell's C (channels per node), or the residual block's output channels
+    reduction: bool  # whether it halves the spatial resolution
 
 
 class CellSpace(ABC):
@@ -28,6 +38,11 @@ class CellSpace(ABC):
     num_input_nodes: int
     num_nodes: int  # intermediate nodes
     pool_batchnorm: bool  # search networks append a non-affine BN to pools
+    # The network skeleton around the cells:
+    stem_multiplier: int  # the stem outputs stem_multiplier * C channels
+    preprocess_inputs: bool  # each cell input passes a 1x1 ReLU-conv-BN (or factorized reduce) first
+    final_activation: bool  # a BN and ReLU between the last block and the global pooling
+    training_extras: bool  # stand-alone networks offer DARTS's auxiliary head, drop path and ImageNet stem
 
     def __init__(self) -> None:
         self.edges: tuple[tuple[int, int], ...] = tuple(
@@ -40,6 +55,34 @@ class CellSpace(ABC):
     @property
     def num_edges(self) -> int:
         return len(self.edges)
+
+    @property
+    def intermediate_nodes(self) -> range:
+        """The nodes a cell computes (after its input nodes)."""
+        return range(self.num_input_nodes, self.num_input_nodes + self.num_nodes)
+
+    @property
+    @abstractmethod
+    def output_nodes(self) -> tuple[int, ...]:
+        """The nodes whose states, concatenated on channels, form a cell's output."""
+
+    @abstractmethod
+    def blocks(self, C: int, layers: int) -> list[Block]:
+        """The network body in order: cells and residual blocks with their channels."""
+
+    def cell_type(self, reduction: bool) -> str:
+        """The cell type (alpha set) of a reduction or a normal cell."""
+        return self.cell_types[-1] if reduction else self.cell_types[0]
+
+    @property
+    def node_labels(self) -> list[str]:
+        """How plots name the cell's nodes, input nodes first (by default their indices)."""
+        return [str(n) for n in range(self.num_input_nodes + self.num_nodes)]
+
+    def cell_output(self, states: Sequence[Any]) -> Any:
+        """A cell's output from all its node states."""
+        outputs = [states[n] for n in self.output_nodes]
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     def op_index(self, name: str) -> int:
         if name not in self.ops:
@@ -62,6 +105,10 @@ class CellSpace(ABC):
     @abstractmethod
     def validate(self, genotype: Any) -> Any:
         """The genotype if it fits this search space, else ValueError naming the problem."""
+
+    def validate_fixed(self, genotype: Any) -> Any:
+        """The genotype if a stand-alone network can be built from it (by default: if it fits the space)."""
+        return self.validate(genotype)
 
     @abstractmethod
     def derive(self, weights: Mapping[str, torch.Tensor]) -> Any:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import ast
 import random
 from collections import namedtuple
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Sized
 from typing import Any
 
 import torch
 
-from .base import CellSpace, Paths
+from .base import Block, CellSpace, Paths
 
 PRIMITIVES = (
     "none",
@@ -46,7 +46,13 @@ class Genotype(namedtuple("Genotype", "normal normal_concat reduce reduce_concat
     __str__ = __repr__
 
 
+# Longest concat list a genotype may name; a larger range is refused before it is built.
+MAX_CONCAT = 1000
+
+
 def _gene(pairs: Iterable, field: str) -> Gene:
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Iterable):
+        raise ValueError(f"malformed genotype: {field}={pairs!r} is not a list of (op name, input index) pairs")
     out = []
     for pair in pairs:
         if (not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[0], str)
@@ -59,10 +65,11 @@ def _gene(pairs: Iterable, field: str) -> Gene:
 
 
 def _concat(nodes: Iterable[int], field: str) -> tuple[int, ...]:
-    try:
-        out = tuple(nodes)
-    except TypeError:
-        raise ValueError(f"malformed genotype: {field}={nodes!r} is not a list of node indices") from None
+    if isinstance(nodes, (str, bytes)) or not isinstance(nodes, Iterable):
+        raise ValueError(f"malformed genotype: {field}={nodes!r} is not a list of node indices")
+    if isinstance(nodes, Sized) and len(nodes) > MAX_CONCAT:
+        raise ValueError(f"malformed genotype: {field} names {len(nodes)} nodes; at most {MAX_CONCAT} are allowed")
+    out = tuple(nodes)
     if not out or not all(isinstance(n, int) and not isinstance(n, bool) for n in out):
         raise ValueError(f"malformed genotype: {field}={nodes!r} is not a non-empty list of node indices")
     return out
@@ -81,14 +88,16 @@ def check_cell(gene: Gene, concat: Sequence[int], field: str, known_ops: Iterabl
                                  f"nodes 0..{node - 1}")
     last = len(gene) // 2 + 1
     for n in concat:
-        if not 0 <= n <= last:
-            raise ValueError(f"{field}_concat names node {n}; the cell has nodes 0..{last}")
+        if not 2 <= n <= last:  # nodes 0 and 1 are the cell's inputs, not its results
+            raise ValueError(f"{field}_concat names node {n}; the cell's intermediate nodes are 2..{last}")
+    if len(set(concat)) != len(concat):
+        raise ValueError(f"{field}_concat names a node twice: {list(concat)}")
 
 
-def _parse_concat(node: ast.expr) -> list[int]:
+def _parse_concat(node: ast.expr) -> "list[int] | range":
     if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "range"
             and not node.keywords):
-        return list(range(*[ast.literal_eval(a) for a in node.args]))
+        return range(*[ast.literal_eval(a) for a in node.args])  # lazy: `_concat` bounds its length
     return ast.literal_eval(node)
 
 
@@ -100,7 +109,35 @@ class DartsSpace(CellSpace):
     num_nodes = 4
     pool_batchnorm = True
     inputs_per_node = 2
-    genotype_type = Genotype
+    stem_multiplier = 3
+    preprocess_inputs = True
+    final_activation = False
+    training_extras = True
+
+    # --- network skeleton -----------------------------------------------------------------------
+    @property
+    def output_nodes(self) -> tuple[int, ...]:
+        """Every intermediate node: DARTS concatenates them."""
+        return tuple(self.intermediate_nodes)
+
+    def blocks(self, C: int, layers: int) -> list[Block]:
+        """`layers` cells; those at 1/3 and 2/3 of the depth reduce and double the channels."""
+        out = []
+        for i in range(layers):
+            reduction = i in self.reduction_positions(layers)
+            C = 2 * C if reduction else C
+            out.append(Block("cell", C, reduction))
+        return out
+
+    @property
+    def node_labels(self) -> list[str]:
+        """The two previous cells' outputs, then intermediate nodes 0..n-1 (as the DARTS paper draws them)."""
+        return ["c_{k-2}", "c_{k-1}"] + [str(i) for i in range(self.num_nodes)]
+
+    @staticmethod
+    def reduction_positions(layers: int) -> tuple[int, int]:
+        """Indices of the reduction cells among `layers` cells."""
+        return layers // 3, 2 * layers // 3
 
     # --- string form --------------------------------------------------------------------------
     def parse(self, text: str) -> Genotype:
@@ -166,6 +203,18 @@ class DartsSpace(CellSpace):
                 if srcs[0] == srcs[1]:
                     raise ValueError(f"genotype does not fit the darts space: node {i + 2} of {cell_type} "
                                      f"takes input {srcs[0]} twice; expected two distinct inputs")
+        return genotype
+
+    def validate_fixed(self, genotype: Any) -> Genotype:
+        """Any DARTS-family genotype (NASNet, AmoebaNet: more nodes and 7x7 ops than the search space)."""
+        if isinstance(genotype, str):
+            return self.parse(genotype)
+        if not isinstance(genotype, tuple) or len(genotype) != 4:
+            raise ValueError(f"expected a DARTS Genotype, got {genotype!r}")
+        genotype = Genotype(*genotype)
+        for cell_type in self.cell_types:
+            check_cell(getattr(genotype, cell_type), getattr(genotype, cell_type + "_concat"), cell_type,
+                       _all_darts_ops())
         return genotype
 
     # --- derivation -----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .base import CellSpace, Paths
+from .base import Block, CellSpace, Paths
 
 NB201_OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
 
@@ -39,7 +39,25 @@ class NB201Space(CellSpace):
     num_input_nodes = 1
     num_nodes = 3
     pool_batchnorm = False
-    genotype_type = NB201Genotype
+    stem_multiplier = 1
+    preprocess_inputs = False
+    final_activation = True
+    training_extras = False
+
+    # --- network skeleton -----------------------------------------------------------------------
+    @property
+    def output_nodes(self) -> tuple[int, ...]:
+        """The last node is the cell's output."""
+        return (self.num_input_nodes + self.num_nodes - 1,)
+
+    def blocks(self, C: int, layers: int) -> list[Block]:
+        """Three stages of `layers` cells (C, 2C, 4C channels) joined by residual reduction blocks."""
+        out = []
+        for stage, C_stage in enumerate((C, 2 * C, 4 * C)):
+            if stage:
+                out.append(Block("residual", C_stage, True))
+            out += [Block("cell", C_stage, False)] * layers
+        return out
 
     def parse(self, text: str) -> NB201Genotype:
         """Parses `|nor_conv_3x3~0|+|nor_conv_3x3~0|avg_pool_3x3~1|+|...~0|...~1|...~2|`."""

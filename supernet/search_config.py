@@ -1,0 +1,179 @@
+"""What decides a search: the table of published methods, `SearchConfig`, and the network a config builds."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields
+
+from . import checks
+from .devices import PRECISIONS
+from .mixing import MIXING
+from .search_network import SearchNetwork
+from .spaces import list_spaces
+
+DATASETS = ("digits", "cifar10", "tensors")
+
+
+@dataclass(frozen=True)
+class Method:
+    """How one published search method trains: its mixing rule, alpha update and paper settings."""
+
+    mixing: str
+    arch_order: int  # 0: weights only, 1: first-order alphas, 2: unrolled (second-order) alphas
+    arch_first: bool  # DARTS updates alphas before weights in a step; GDAS after
+    a_lr: float  # Adam learning rate for the architecture parameters
+    w_weight_decay: float
+    warmup_fraction: float  # share of epochs before alphas start to move (PC-DARTS: 15 of 50)
+    summary: str
+
+    @property
+    def learns_alphas(self) -> bool:
+        """Whether a search step updates the architecture parameters."""
+        return MIXING.get(self.mixing).learns_alphas and self.arch_order > 0
+
+    @property
+    def anneals_temperature(self) -> bool:
+        """Whether the mixing rule has a temperature the search anneals (GDAS)."""
+        return MIXING.get(self.mixing).anneals_temperature
+
+
+METHODS = {
+    "darts": Method("softmax", 1, True, 3e-4, 3e-4, 0.0, "DARTS, first order (softmax over all candidates)"),
+    "darts-2nd": Method("softmax", 2, True, 3e-4, 3e-4, 0.0,
+                        "DARTS, second order (unrolled step, finite-difference Hessian-vector product)"),
+    "gdas": Method("gumbel", 1, False, 3e-4, 5e-4, 0.0, "GDAS (one hard Gumbel-softmax path per edge, tau 10 -> 0.1)"),
+    "pc-darts": Method("partial", 1, True, 6e-4, 3e-4, 0.3,
+                       "PC-DARTS (1/k of the channels, edge normalisation, alpha warm-up)"),
+    "spos": Method("sample", 0, True, 0.0, 3e-4, 0.0,
+                   "single path, uniform sampling (SPOS / ENAS style); the best of spos_candidates is derived"),
+}
+
+
+def _optional_text(name: str, value: object) -> str | None:
+    """None, or a string (a path-like value is kept as its string)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise ValueError(f"{name} must be a string or None, got {value!r}")
+
+
+@dataclass
+class SearchConfig:
+    """Everything that decides a search's result. Defaults are the main job: a few minutes on 2 CPU cores."""
+
+    method: str = "darts"
+    space: str = "darts"
+    dataset: str = "digits"  # 'digits' (embedded), 'cifar10' (needs data_dir), 'tensors' (passed in)
+    data_dir: str | None = None
+    data_fingerprint: str | None = None  # set for dataset='tensors', so a resume checks it gets the same data
+    max_train: int | None = None  # cap on the non-test examples (for a quick look at a large dataset)
+    val_fraction: float = 0.5  # of the non-test data: the split the alphas are fitted on (DARTS: half)
+    test_fraction: float = 0.2  # held out for the final accuracies (unused when the dataset has a test set)
+    seed: int = 0
+    C: int = 8  # initial channels of the search network (DARTS: 16)
+    layers: int = 5  # cells, reductions at 1/3 and 2/3 (DARTS: 8)
+    epochs: int = 6  # (DARTS: 50)
+    batch_size: int = 64  # the GLOBAL batch: under torchrun each of W ranks takes batch_size / W of it
+    micro_batches: int = 1  # the batch is cut into this many parts, each with its own batch-norm statistics
+    #                        (a data-parallel run cuts it into at least W: one or more per rank)
+    precision: str = "fp32"  # fp32, bf16 or fp16: autocast for the network; alphas and their softmax stay fp32
+    steps_per_epoch: int | None = None  # cap on steps per epoch (None: one pass over the training split)
+    w_lr: float = 0.025  # SGD with momentum, cosine schedule down to w_lr_min (DARTS)
+    w_lr_min: float = 0.001
+    w_momentum: float = 0.9
+    w_weight_decay: float | None = None  # None: the method's paper value
+    grad_clip: float = 5.0
+    a_lr: float | None = None  # Adam for the alphas, betas (0.5, 0.999); None: the method's paper value
+    a_weight_decay: float = 1e-3
+    arch_warmup_epochs: int | None = None  # epochs of weight-only training first; None: the method's share
+    unrolled_xi: float | None = None  # darts-2nd virtual step size; None: the current weight learning rate
+    partial_k: int = 4  # pc-darts channel divisor
+    tau_max: float = 10.0  # gdas temperature, annealed linearly to tau_min over the epochs
+    tau_min: float = 0.1
+    spos_candidates: int = 20  # spos: random subnets ranked on the validation split to pick the result
+    checkpoint_every: int = 0  # steps between checkpoints inside an epoch (0: at the end of each epoch only)
+    retrain_epochs: int = 6  # retraining of the derived and a random architecture (0: skip)
+    retrain_C: int = 8
+    retrain_layers: int = 5
+    retrain_lr: float = 0.05  # SGD, cosine schedule over all retraining steps (DARTS's evaluation settings)
+    retrain_momentum: float = 0.9
+    retrain_nesterov: bool = True
+    retrain_weight_decay: float = 3e-4
+    retrain_grad_clip: float = 5.0
+    retrain_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        checks.choice("method", self.method, METHODS)
+        checks.choice("space", self.space, list_spaces())
+        checks.choice("dataset", self.dataset, DATASETS)
+        m = METHODS[self.method]
+        if self.w_weight_decay is None:
+            self.w_weight_decay = m.w_weight_decay
+        if self.a_lr is None:
+            self.a_lr = m.a_lr
+        checks.choice("precision", self.precision, PRECISIONS)
+        if self.precision == "fp16" and m.arch_order == 2:
+            raise ValueError("precision fp16 is not supported with darts-2nd (its finite-difference step would "
+                             "need unscaled gradients); use bf16 or fp32")
+        for name in ("C", "layers", "epochs", "batch_size", "micro_batches", "retrain_C", "retrain_layers", "retrain_batch_size",
+                     "partial_k", "spos_candidates"):
+            checks.integer(name, getattr(self, name))
+        for name in ("retrain_epochs", "checkpoint_every", "seed"):
+            checks.integer(name, getattr(self, name), minimum=0)
+        checks.optional_integer("steps_per_epoch", self.steps_per_epoch)
+        if self.batch_size % self.micro_batches:
+            raise ValueError(f"batch_size={self.batch_size} must be a multiple of micro_batches={self.micro_batches}")
+        checks.optional_integer("max_train", self.max_train, minimum=2)
+        checks.fraction("val_fraction", self.val_fraction)
+        checks.fraction("test_fraction", self.test_fraction)
+        for name in ("w_lr", "w_lr_min", "grad_clip", "tau_max", "tau_min", "retrain_lr", "retrain_grad_clip"):
+            checks.number(name, getattr(self, name), positive=True)
+        for name in ("w_weight_decay", "a_weight_decay", "retrain_weight_decay"):
+            checks.number(name, getattr(self, name), non_negative=True)
+        for name in ("w_momentum", "retrain_momentum"):
+            checks.number(name, getattr(self, name), non_negative=True, maximum=1.0, open_maximum=True)
+        checks.optional_number("unrolled_xi", self.unrolled_xi, non_negative=True)
+        if not isinstance(self.retrain_nesterov, bool):
+            raise ValueError(f"retrain_nesterov must be True or False, got {self.retrain_nesterov!r}")
+        if self.retrain_nesterov and self.retrain_momentum == 0:
+            raise ValueError("retrain_nesterov needs a positive retrain_momentum")
+        self.data_dir = _optional_text("data_dir", self.data_dir)
+        self.data_fingerprint = _optional_text("data_fingerprint", self.data_fingerprint)
+        if m.learns_alphas:
+            checks.number("a_lr", self.a_lr, positive=True)
+        else:
+            checks.number("a_lr", self.a_lr, non_negative=True)
+        if self.arch_warmup_epochs is None:
+            self.arch_warmup_epochs = int(m.warmup_fraction * self.epochs)
+        checks.integer("arch_warmup_epochs", self.arch_warmup_epochs, minimum=0)
+        if m.learns_alphas and self.arch_warmup_epochs >= self.epochs:
+            raise ValueError(f"arch_warmup_epochs={self.arch_warmup_epochs} must be below epochs={self.epochs}: "
+                             f"{self.method} would never train its architecture parameters")
+        if m.anneals_temperature and self.tau_min > self.tau_max:
+            raise ValueError(f"tau_min={self.tau_min} must not exceed tau_max={self.tau_max}")
+
+    @property
+    def method_spec(self) -> Method:
+        """The method's table entry."""
+        return METHODS[self.method]
+
+    def to_dict(self) -> dict:
+        """The config as a JSON-able dict (what a checkpoint header and config.json hold)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SearchConfig":
+        """The config from a dict of its fields; ValueError naming unknown keys."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown search options {unknown}; expected some of {sorted(known)}")
+        return cls(**d)
+
+
+def build_network(config: SearchConfig, num_classes: int, in_channels: int) -> SearchNetwork:
+    """The search network a config describes (weights drawn from torch's global RNG)."""
+    return SearchNetwork(config.space, C=config.C, layers=config.layers, num_classes=num_classes,
+                         in_channels=in_channels, mixing=config.method_spec.mixing, partial_k=config.partial_k,
+                         tau=config.tau_max)

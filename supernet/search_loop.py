@@ -1,0 +1,383 @@
+"""The one-shot search loop (DARTS 1st/2nd order, GDAS, PC-DARTS, single-path SPOS/ENAS) with checkpoints.
+
+A `Searcher` owns one SearchNetwork, an SGD optimizer with a cosine schedule for the weights and
+(for methods that learn them) an Adam optimizer for the architecture parameters, as the papers set
+them. Its whole state (weights, alphas, optimizers, schedule, RNG states, position) goes into a
+checkpoint, so a run interrupted anywhere resumes to bit-identical alphas on the CPU. Non-finite
+losses, gradients or states stop the run before they are applied or saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import architect, data, devices, distributed, runs
+from .search_config import SearchConfig, build_network
+from .search_network import SearchNetwork, preserved_batchnorm, recalibrate_batchnorm
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds torch, numpy and Python's `random`."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+class DivergenceError(RuntimeError):
+    """A loss, gradient or state became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, pair: data.Pair, batch_size: int = 256, device: "torch.device | None" = None,
+             autocast: Callable[[], Any] | None = None) -> float:
+    """Top-1 accuracy in eval mode (restores the previous mode); batches go to `device` (default: the model's)."""
+    was_training = model.training
+    model.eval()
+    x, y = pair
+    if device is None:
+        first = next(iter(model.parameters()), None)
+        device = first.device if first is not None else x.device
+    autocast = autocast or contextlib.nullcontext
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        with autocast():
+            correct += int((model(xb).argmax(1) == yb).sum())
+    model.train(was_training)
+    return correct / max(len(x), 1)
+
+
+def softmaxed_alphas(net: SearchNetwork) -> dict[str, list]:
+    """The softmax of each cell type's alphas, as nested lists."""
+    with torch.no_grad():
+        return {ct: F.softmax(net.alphas(ct).float(), dim=-1).tolist() for ct in net.space.cell_types}
+
+
+def _tensors(state: Any) -> Iterable[torch.Tensor]:
+    """Every floating-point tensor inside a nested state (dicts, lists, tuples)."""
+    if isinstance(state, torch.Tensor):
+        if state.is_floating_point():
+            yield state
+    elif isinstance(state, dict):
+        for value in state.values():
+            yield from _tensors(value)
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            yield from _tensors(value)
+
+
+def count_non_finite(state: Any) -> int:
+    """How many floating-point tensors inside `state` hold a NaN or an infinity."""
+    return sum(1 for t in _tensors(state) if not bool(torch.isfinite(t).all()))
+
+
+class Searcher:
+    """The bilevel search loop with checkpoints. `run()` trains to the end and returns the genotype.
+
+    The searcher owns the device (`device`: auto|cpu|cuda|cuda:N), the precision (`config.precision`),
+    an optional `torch.compile` of the network's forward (`compile=True`) and, when a torch.distributed
+    process group is open, data parallelism: every rank takes its slice of each global batch, weight and
+    alpha gradients are averaged over the ranks, and random draws agree because every rank seeds alike.
+    """
+
+    def __init__(self, config: SearchConfig, split: data.Split, checkpoint_path: Path | None = None,
+                 quiet: bool = True, log: Callable[[str], None] | None = None,
+                 callback: Callable[["Searcher"], None] | None = None, device: "str | torch.device" = "cpu",
+                 compile: bool = False) -> None:
+        self.config, self.split = config, split
+        self.checkpoint_path = checkpoint_path
+        self.quiet, self.log = quiet, log or (lambda msg: None)
+        self.callback = callback
+        self.device = devices.resolve_device(device)
+        self.precision = devices.Precision(config.precision, self.device)
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        self.quiet = quiet or self.rank != 0  # progress bars from rank 0 only
+        self.parts = config.micro_batches if config.micro_batches > 1 else self.world  # BN groups per global batch
+        if self.parts % self.world:
+            raise ValueError(f"micro_batches={config.micro_batches} must be a multiple of the {self.world} ranks")
+        if config.batch_size % self.parts:
+            raise ValueError(f"batch_size={config.batch_size} (the global batch) must be a multiple of the "
+                             f"{self.parts} {'ranks' if self.parts == self.world else 'micro-batches'}")
+        # Batch sizes against the data first: a failed check costs no network.
+        self.steps = min(data.steps_per_epoch(len(split.train[0]), config.batch_size),
+                         data.steps_per_epoch(len(split.val[0]), config.batch_size),
+                         config.steps_per_epoch or math.inf)
+        seed_everything(config.seed)
+        self.net = build_network(config, split.num_classes, split.in_channels).to(self.device)
+        self.model: nn.Module = self.net  # what the training steps call (compiled with compile=True)
+        self.compile_seconds: float | None = None
+        if compile:
+            self.model = torch.compile(self.net)
+        self.ctx = architect.StepContext(model=self.model, autocast=self.precision.autocast,
+                                         scale=self.precision.scale, reduce=self._reduce)
+        self.w_opt = torch.optim.SGD(self.net.weight_parameters(), lr=config.w_lr, momentum=config.w_momentum,
+                                     weight_decay=config.w_weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.w_opt, T_max=config.epochs,
+                                                                    eta_min=config.w_lr_min)
+        self.learns_alphas = config.method_spec.learns_alphas
+        self.a_opt = torch.optim.Adam(self.net.arch_parameters(), lr=config.a_lr, betas=(0.5, 0.999),
+                                      weight_decay=config.a_weight_decay) if self.learns_alphas else None
+        self.epoch = self.step = 0  # the next step to run
+        self.search_done = False
+        self.genotype: Any = None
+        self.running = {"loss": 0.0, "correct": 0, "seen": 0}  # sums over the current epoch so far
+        self.history: dict[str, list] = {"epochs": [], "alphas": [softmaxed_alphas(self.net)]}
+        self.elapsed = 0.0  # search seconds spent before this process (resumed runs)
+        self._started = time.perf_counter()
+        self.last_checkpoint: Path | None = None
+
+    # --- state -----------------------------------------------------------------------------------
+    def state(self) -> dict:
+        """Everything a resumed run needs, as `runs.save_checkpoint` stores it."""
+        return {"config": self.config.to_dict(), "epoch": self.epoch, "step": self.step,
+                "search_done": self.search_done,
+                "genotype": None if self.genotype is None else self.net.space.format(self.genotype),
+                "net": self.net.state_dict(), "w_opt": self.w_opt.state_dict(),
+                "a_opt": self.a_opt.state_dict() if self.a_opt else None, "scheduler": self.scheduler.state_dict(),
+                "rng": runs.capture_rng_state(), "running": dict(self.running), "history": self.history,
+                "elapsed": self.seconds(), "world_size": self.world,
+                "scaler": self.precision.scaler.state_dict() if self.precision.scaler is not None else None}
+
+    def seconds(self) -> float:
+        """Search time so far, across interruptions."""
+        return self.elapsed + time.perf_counter() - self._started
+
+    def load_state(self, state: dict) -> None:
+        """Continues from a checkpoint's state (written on any device; tensors are moved to this run's)."""
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.world:
+            raise ValueError(f"the checkpoint was written by a run over {saved_world} rank(s); this run has "
+                             f"{self.world}. Resume with the same world size (torchrun --nproc-per-node "
+                             f"{saved_world}{'' if saved_world > 1 else ', or without torchrun'}): the batch "
+                             "shards and batch-norm groups depend on it")
+        self.net.load_state_dict(state["net"])
+        self.w_opt.load_state_dict(state["w_opt"])
+        if self.a_opt is not None:
+            self.a_opt.load_state_dict(state["a_opt"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.precision.scaler is not None and state.get("scaler"):
+            self.precision.scaler.load_state_dict(state["scaler"])
+        runs.restore_rng_state(state["rng"])
+        self.epoch, self.step, self.search_done = state["epoch"], state["step"], state["search_done"]
+        self.genotype = None if state["genotype"] is None else self.net.space.parse(state["genotype"])
+        self.running, self.history, self.elapsed = dict(state["running"]), state["history"], state["elapsed"]
+        self._started = time.perf_counter()
+        self.last_checkpoint = self.checkpoint_path
+
+    def save(self) -> None:
+        """Writes a checkpoint (rank 0 only), after checking that every tensor of the state is finite."""
+        if self.checkpoint_path is None or self.rank != 0:
+            if self.checkpoint_path is not None:
+                self.last_checkpoint = self.checkpoint_path
+            return
+        state = self.state()
+        bad = count_non_finite(state)
+        if bad:
+            self._diverged(f"{bad} tensors of the network or optimizer state are not finite")
+        runs.save_checkpoint(self.checkpoint_path, state)
+        self.last_checkpoint = self.checkpoint_path
+
+    # --- training ----------------------------------------------------------------------------------
+    def _diverged(self, what: str) -> None:
+        where = (f"the last good checkpoint {str(self.last_checkpoint)!r} is left intact"
+                 if self.last_checkpoint else "no checkpoint was written yet")
+        raise DivergenceError(f"{what} at epoch {self.epoch + 1}, step {self.step + 1} "
+                              f"(global step {self.epoch * self.steps + self.step + 1}); {where}. "
+                              "Try a smaller w_lr or a_lr.")
+
+    def _check_loss(self, loss: torch.Tensor, what: str) -> float:
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            self._diverged(f"{what} loss became {value}")
+        return value
+
+    def _check_gradient_norm(self, norm: torch.Tensor, what: str) -> None:
+        if not math.isfinite(float(norm)) and self.precision.scaler is None:  # fp16: the scaler skips the step
+            self._diverged(f"the gradient of the {what} became {float(norm)}")
+
+    def _reduce(self, tensors: list[torch.Tensor]) -> None:
+        """Averages gradients (and the losses riding with them) over the ranks, in place."""
+        if self.world > 1:
+            distributed.all_reduce_mean(tensors, f"the gradient all-reduce at epoch {self.epoch + 1}, "
+                                                 f"step {self.step + 1}")
+
+    def local_batches(self, batch: data.Pair) -> list[data.Pair]:
+        """This rank's micro-batches of a global batch, on the run's device."""
+        per_rank = self.parts // self.world
+        return [devices.to_device(distributed.shard(batch, self.parts, self.rank * per_rank + j), self.device)
+                for j in range(per_rank)]
+
+    def _optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.precision.scaler is None:
+            optimizer.step()
+        else:
+            self.precision.scaler.step(optimizer)
+
+    def _arch_step(self, train: list[data.Pair], val: list[data.Pair]) -> None:
+        arch = self.net.arch_parameters()
+        if self.config.method_spec.arch_order == 2:
+            xi = self.config.unrolled_xi if self.config.unrolled_xi is not None else self.w_opt.param_groups[0]["lr"]
+            grads, loss = architect.unrolled_gradient(self.net, train, val, xi, ctx=self.ctx)
+        else:
+            grads, loss = architect.first_order_gradient(self.net, val, ctx=self.ctx)
+        self._check_loss(loss, "validation (architecture)")
+        for p, g in zip(arch, grads, strict=True):
+            p.grad = g
+        if self.precision.scaler is not None:
+            self.precision.scaler.unscale_(self.a_opt)
+        self._check_gradient_norm(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))),
+                                  "architecture parameters")
+        self._optimizer_step(self.a_opt)
+        if count_non_finite(arch):
+            self._diverged("the architecture parameters became non-finite")
+
+    def _weight_step(self, train: list[data.Pair]) -> tuple[float, int]:
+        params = self.net.weight_parameters()
+        self.w_opt.zero_grad(set_to_none=True)
+        start = architect.rng_state(self.device) if len(train) > 1 else None
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        for i, (x, y) in enumerate(train):
+            if i:  # every micro-batch sees the draws of one forward, as every rank does
+                architect.set_rng_state(start, self.device)
+            with self.precision.autocast():
+                logits = self.model(x)
+                loss = F.cross_entropy(logits, y)
+            self.precision.scale(loss / len(train) if len(train) > 1 else loss).backward()
+            loss_sum += loss.detach().float() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
+        if self.world > 1:
+            grads = [p.grad for p in params if p.grad is not None]
+            self._reduce(grads)
+            loss_sum, correct = distributed.all_reduce_sum([float(loss_sum), float(correct)], self.device,
+                                                           f"the loss all-reduce at epoch {self.epoch + 1}")
+        seen = sum(len(y) for _, y in train) * self.world
+        value = self._check_loss(torch.as_tensor(float(loss_sum) / seen), "training")
+        if self.precision.scaler is not None:
+            self.precision.scaler.unscale_(self.w_opt)
+        norm = nn.utils.clip_grad_norm_(params, self.config.grad_clip, foreach=True)
+        self._check_gradient_norm(norm, "weights")
+        self._optimizer_step(self.w_opt)
+        return value, int(correct)
+
+    def train_step(self, train: data.Pair, val: data.Pair) -> None:
+        """One search step on a global batch: an architecture step (once warm-up is over) and a weight step."""
+        if self.model is not self.net and self.compile_seconds is None:
+            began = time.perf_counter()
+        update_alphas = self.learns_alphas and self.epoch >= self.config.arch_warmup_epochs
+        n = len(train[1])
+        train, val = self.local_batches(train), self.local_batches(val)
+        if update_alphas and self.config.method_spec.arch_first:
+            self._arch_step(train, val)
+        loss, correct = self._weight_step(train)
+        if update_alphas and not self.config.method_spec.arch_first:
+            self._arch_step(train, val)
+        if self.precision.scaler is not None:
+            self.precision.scaler.update()
+        if self.model is not self.net and self.compile_seconds is None:
+            self.compile_seconds = time.perf_counter() - began  # the first compiled step: compilation and one step
+            self.log(f"compile: the first compiled search step took {self.compile_seconds:.1f} s")
+        self.running["loss"] += loss * n
+        self.running["correct"] += correct
+        self.running["seen"] += n
+
+    def tau(self, epoch: int) -> float:
+        """GDAS: linear from tau_max at the first epoch to tau_min at the last."""
+        c = self.config
+        return c.tau_max - (c.tau_max - c.tau_min) * epoch / max(c.epochs - 1, 1)
+
+    def _end_epoch(self) -> None:
+        self.scheduler.step()
+        seen = max(self.running["seen"], 1)
+        if self.world > 1:  # batch-norm running statistics: the ranks' average, so every rank holds the same
+            distributed.all_reduce_mean([b for b in self.net.buffers() if b.is_floating_point()],
+                                        f"the batch-norm statistics all-reduce at epoch {self.epoch + 1}")
+        record = {"epoch": self.epoch + 1, "train_loss": self.running["loss"] / seen,
+                  "train_accuracy": self.running["correct"] / seen,
+                  "val_accuracy": accuracy(self.net, self.split.val, device=self.device,
+                                           autocast=self.precision.autocast),
+                  "w_lr": self.w_opt.param_groups[0]["lr"], "genotype": self.net.space.format(self.net.derive())}
+        if self.config.method_spec.anneals_temperature:
+            record["tau"] = self.net.mixing.tau
+        self.history["epochs"].append(record)
+        self.history["alphas"].append(softmaxed_alphas(self.net))
+        self.log(f"epoch {record['epoch']}/{self.config.epochs}: train loss {record['train_loss']:.4f}, "
+                 f"train acc {record['train_accuracy']:.4f}, val acc {record['val_accuracy']:.4f}")
+        self.epoch, self.step = self.epoch + 1, 0
+        self.running = {"loss": 0.0, "correct": 0, "seen": 0}
+
+    def run(self) -> Any:
+        """Trains from the current position to the end of the search; returns the derived genotype."""
+        from tqdm.auto import tqdm
+
+        c = self.config
+        self.net.train()
+        epochs = tqdm(total=c.epochs, desc=f"search ({c.method})", unit="epoch", disable=self.quiet,
+                      initial=self.epoch, dynamic_ncols=True)
+        for epoch in range(self.epoch, c.epochs if not self.search_done else 0):
+            if c.method_spec.anneals_temperature:
+                self.net.mixing.tau = self.tau(epoch)
+            train = data.epoch_batches(self.split.train, c.batch_size, c.seed, epoch, start=self.step)
+            val = data.epoch_batches(self.split.val, c.batch_size, c.seed + 1, epoch, start=self.step)
+            bar = tqdm(total=self.steps, initial=self.step, desc=f"epoch {epoch + 1}", unit="step", leave=False,
+                       disable=self.quiet, dynamic_ncols=True)
+            for train_batch, val_batch in zip(train, val):  # noqa: B905 (val may hold more batches than used)
+                if self.step >= self.steps:
+                    break
+                self.train_step(train_batch, val_batch)
+                self.step += 1
+                seen = max(self.running["seen"], 1)
+                bar.set_postfix(loss=f"{self.running['loss'] / seen:.3f}",
+                                acc=f"{self.running['correct'] / seen:.3f}", refresh=False)
+                bar.update()
+                if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.step < self.steps:
+                    self.save()
+                if self.callback is not None:
+                    self.callback(self)
+            bar.close()
+            self._end_epoch()
+            last = self.history["epochs"][-1]
+            epochs.set_postfix(loss=f"{last['train_loss']:.3f}", val_acc=f"{last['val_accuracy']:.3f}", refresh=False)
+            epochs.update()
+            self.save()
+        epochs.close()
+        if not self.search_done:
+            self.genotype = self.derive()
+            self.search_done = True
+            self.save()
+        return self.genotype
+
+    def derive(self) -> Any:
+        """The searched genotype: the space's rule on the alphas, or for SPOS the best sampled subnet."""
+        if self.config.method_spec.arch_order > 0:
+            return self.net.derive()
+        return self.best_sampled_subnet()
+
+    def best_sampled_subnet(self) -> Any:
+        """SPOS's second stage in its simplest form: random subnets ranked on the validation split."""
+        c = self.config
+        rng = random.Random(c.seed)
+        batches = list(data.epoch_batches(self.split.train, c.batch_size, c.seed, epoch=c.epochs))[:4]
+        best, best_acc = None, -1.0
+        for _ in range(c.spos_candidates):
+            genotype = self.net.space.random_genotype(rng)
+            with preserved_batchnorm(self.net):
+                sub = recalibrate_batchnorm(self.net.subnet(genotype), [devices.to_device(b, self.device)
+                                                                        for b in batches])
+                acc = accuracy(sub, self.split.val, device=self.device, autocast=self.precision.autocast)
+            if acc > best_acc:
+                best, best_acc = genotype, acc
+        self.log(f"spos: best of {c.spos_candidates} sampled subnets has val acc {best_acc:.4f}")
+        self.net.train()
+        return best
