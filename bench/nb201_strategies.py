@@ -21,7 +21,7 @@ from strategies import list_strategies, make_strategy, search
 from strategies.evaluators import TabularBenchmark, TabularEvaluator
 from supernet import checks
 
-ORDER = ["random", "evolution", "reinforce", "qlearning"]
+ORDER = ["random", "evolution", "reinforce", "qlearning", "bananas"]
 _TABLE: dict[str, TabularBenchmark] = {}
 
 
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="nb201", help="the 12-epoch table: 'nb201' (shipped) or a CSV path")
     parser.add_argument("--seeds", type=int, default=100)
-    parser.add_argument("--budgets", type=int, nargs="+", default=[100, 300])
+    parser.add_argument("--budgets", type=int, nargs="+", default=[50, 100, 300])
     parser.add_argument("--strategies", nargs="+", default=ORDER, choices=list_strategies())
     parser.add_argument("--search-metric", default="cifar10-val")
     parser.add_argument("--report-metric", default="cifar10-test")

@@ -4,10 +4,11 @@ Every strategy follows one ask/tell protocol (`base.Strategy`) and is registered
 `list_strategies()`, `make_strategy(name, space, budget, seed, **options)`.
 """
 
-from . import evolution, qlearning, random_search, reinforce  # noqa: F401  (register the strategies)
+from . import evolution, predictor, qlearning, random_search, reinforce  # noqa: F401  (register the strategies)
 from .base import STRATEGIES, Evaluation, Strategy, Trial, make_strategy, restore, search
 from .encoding import DecisionSpace
 from .evolution import RegularizedEvolution
+from .predictor import Bananas
 from .qlearning import QLearning
 from .random_search import RandomSearch
 from .reinforce import Reinforce
@@ -19,4 +20,4 @@ def list_strategies(pattern: str = "*") -> list[str]:
 
 
 __all__ = ["STRATEGIES", "Strategy", "Trial", "Evaluation", "make_strategy", "restore", "search", "list_strategies",
-           "DecisionSpace", "RandomSearch", "RegularizedEvolution", "Reinforce", "QLearning"]
+           "DecisionSpace", "RandomSearch", "RegularizedEvolution", "Reinforce", "QLearning", "Bananas"]

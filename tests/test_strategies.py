@@ -14,7 +14,7 @@ from strategies import STRATEGIES, DecisionSpace, Evaluation, QLearning, list_st
 from supernet import get_space
 from supernet.spaces import DartsSpace, NB201Space
 
-ALL = ["random", "evolution", "reinforce", "qlearning"]
+ALL = ["random", "evolution", "reinforce", "qlearning", "bananas"]
 
 
 class TinyCell(NB201Space):
