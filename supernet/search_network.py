@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import dispatch
+from . import batched_cell, dispatch
 from .checks import images, integer
 from .mixing import CellPlan, Fixed, MixingRule, Sample, channel_shuffle, make_mixing
 from .ops import FactorizedReduce, ReLUConvBN, build_op
@@ -51,6 +51,8 @@ class SearchCell(nn.Module):
     def forward(self, inputs: list[torch.Tensor], plan: CellPlan, fused: bool) -> torch.Tensor:
         space = self.space
         states = [getattr(self, f"preprocess{i}", nn.Identity())(x) for i, x in enumerate(inputs)]
+        if fused and batched_cell.applies(self, plan, states[0]):  # the CPU fast path: per state, channels_last
+            return space.cell_output(states + batched_cell.cell_nodes(self, states, plan))
         for node, node_plan in zip(space.intermediate_nodes, plan):
             if node_plan.edge_weights is not None:
                 s = self._partial_node(node, node_plan, states, fused)
@@ -209,6 +211,8 @@ class SearchNetwork(nn.Module):
 
     def forward_plans(self, x: torch.Tensor, plans: dict[str, CellPlan]) -> torch.Tensor:
         """Logits of x when each cell computes what `plans` names."""
+        if self.fused and self.training and batched_cell.serves(x):
+            x = batched_cell.to_channels_last(x)  # the batched cells keep channels_last (supernet.batched_cell)
         states = [self.stem(x)] * self.space.num_input_nodes  # the newest outputs a cell reads
         for cell in self.cells:
             out = cell(states, plans[cell.cell_type], self.fused) if isinstance(cell, SearchCell) else cell(states[-1])

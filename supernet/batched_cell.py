@@ -1,0 +1,357 @@
+"""A search cell's nodes computed per source state, in channels_last (the CPU fast path of issue 10).
+
+`cell_nodes(cell, states, plan)` returns the intermediate nodes of one `SearchCell`, the same values (to
+float rounding) as the per-edge path of `SearchCell.forward`, computed so:
+
+  * channels_last throughout: the states are made channels_last once; every op used here keeps it.
+  * per source state, once: ReLU(state) (shared by every `ops.StartsWithReLU` candidate and factorized
+    reduce of every edge reading it), and the parameter-free candidates: each pool with its batch norm
+    (`ops.pool_parts`) and skip (`ops.Identity`). The pools' batch norms are non-affine and use batch
+    statistics in training, so every edge reading the state gets the same values; each edge's running
+    statistics are still updated with those batch statistics, exactly as its own BatchNorm2d would.
+  * the weighted node sum without keeping candidate outputs alive: a candidate that ends in a
+    non-affine batch norm (sep/dil/nor convs, factorized reduce) runs that batch norm as an affine one
+    whose scale is the candidate's mixing weight (expanded over channels, no shift): out = w * BN(y).
+    Batch norm's backward needs only y and its statistics (already saved), and gives d/dw =
+    sum(g * BN(y)) through the scale's gradient, so neither BN(y) nor w * BN(y) is stored. Node sums are
+    plain adds, which store nothing; the shared pool/skip outputs are stored once per state (addcmul).
+  * convolutions: depthwise 'same' convs run through `_Depthwise`, whose backward takes, by a FIXED rule
+    (`flip_input_grad`, `split_weight_grad`; the measurements are beside them), oneDNN's gradients or faster
+    alternatives (input gradient as a forward conv with the flipped kernel; weight gradient of 5x5 /
+    dilated kernels through oneDNN's fast 3x3 weight gradient on polyphase images / 3x3 blocks). 1x1
+    convs of channels_last tensors run as one matmul over the (N*H*W, C) view where `pointwise_matmul`
+    says. The rules read only shapes, never timings, so the same seed gives bitwise the same search on
+    the same machine (a prototype timed the alternatives per shape and cached the fastest: runs then
+    differed in rounding).
+
+Note: the scale passed to batch norm is `w.expand(C).contiguous()`: with the stride-0 expand itself,
+torch 2.13's CPU batch-norm backward on channels_last inputs returned wrong gradients inside the network
+(alphas' gradients off by O(1) in float64; not isolated to a small repro).
+
+Applies to training-mode cells with a dense weighted plan (softmax mixing), no PC-DARTS edge
+normalisation, and tensors the Triton kernels do not serve (`applies()`); everything else, and CUDA,
+stays on the per-edge path of `supernet.dispatch`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import dispatch
+from .batch_norm import uses_batch_stats_only
+from .ops import FactorizedReduce, Identity, ReLUSequential, StartsWithReLU, pool_parts
+
+CL = torch.channels_last
+# Levers, switchable for measurement (bench/bench_search_step.py --levers); all on is the design.
+ENABLED = True  # the hook in SearchCell.forward; False restores the per-edge path
+LEVERS = {"channels_last": True, "share_pools": True, "share_relu": True, "bn_weighted": True, "dw_backward": True,
+          "pw_matmul": True}
+
+
+def serves(x: torch.Tensor) -> bool:
+    """Whether this module may compute cells on tensors like x: not where the Triton kernels run (CUDA, or
+    tests interpreting them on the CPU), nor under torch.compile (which traces the kernels' custom ops), nor
+    under autocast (its hand-written depthwise backward and fixed rules were measured in fp32 only)."""
+    return (ENABLED and not dispatch._kernels_run(x) and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled(x.device.type))
+
+
+def applies(cell: nn.Module, plan, x: torch.Tensor) -> bool:
+    """Whether `cell_nodes` computes this cell for this plan and inputs like x."""
+    if not (cell.training and serves(x)):
+        return False
+    for node_plan in plan:
+        if node_plan.weights is None or node_plan.edge_weights is not None or node_plan.residual is not None:
+            return False
+    return all(edge.channel_divisor == 1 for edge in cell.edges)
+
+
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    if not LEVERS["channels_last"] or x.dim() != 4:
+        return x
+    return x.contiguous(memory_format=CL)
+
+
+# --- batch norm ---------------------------------------------------------------------------------
+# nn.BatchNorm2d's running-average bookkeeping, for the batch norms this module runs as one F.batch_norm
+# call (weighted) or shares between edges. supernet/batch_norm.py has the same few lines inside
+# batch_norm_with_stats; it exposes no update-only function to reuse.
+def _count_batch(bn: nn.BatchNorm2d) -> float:
+    """Counts the batch and returns the running-average factor, as nn.BatchNorm2d.forward does."""
+    if bn.training and bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+        return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    return 0.0 if bn.momentum is None else bn.momentum
+
+
+def _plain(bn: nn.Module | None) -> bool:
+    """A non-affine batch norm normalising with batch statistics, with running statistics if any."""
+    return (bn is not None and uses_batch_stats_only(bn)
+            and (bn.track_running_stats or bn.running_mean is None))
+
+
+def weighted_batch_norm(y: torch.Tensor, bn: nn.BatchNorm2d, w: torch.Tensor) -> torch.Tensor:
+    """w * bn(y) for a non-affine batch-statistics batch norm, as one affine batch norm with scale w.
+
+    Saves nothing beyond what batch norm saves (its input and statistics)."""
+    factor = _count_batch(bn)
+    scale = w.expand(y.shape[1]).contiguous()  # not the expand itself: see the module's note
+    return F.batch_norm(y, bn.running_mean, bn.running_var, scale, None, True, factor, bn.eps)
+
+
+def shared_batch_norm(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d]) -> torch.Tensor:
+    """bn(y) for several non-affine batch-statistics batch norms fed the same y: one normalisation, and
+    every module's running statistics updated with the same batch statistics."""
+    first = bns[0]
+    out = F.batch_norm(y, first.running_mean, first.running_var, None, None, True, _count_batch(first), first.eps)
+    if len(bns) > 1:
+        with torch.no_grad():
+            unbiased, mean = torch.var_mean(y, dim=(0, 2, 3), correction=1)
+            for bn in bns[1:]:
+                f = _count_batch(bn)
+                if bn.running_mean is not None:
+                    bn.running_mean.mul_(1 - f).add_(mean.to(bn.running_mean.dtype), alpha=f)
+                    bn.running_var.mul_(1 - f).add_(unbiased.to(bn.running_var.dtype), alpha=f)
+    return out
+
+
+# --- depthwise convolution with a faster backward -----------------------------------------------
+# oneDNN's depthwise backward on the CPU is several times slower than its forward, worst for 5x5 and
+# dilated kernels. The alternatives below are exact (the same sums in another order), and which one runs
+# is a fixed function of the shape, from interleaved best-of-7 timings of each gradient (1 thread, the
+# stride-1 depthwise shapes of the small and paper configs: N 32/64, C 8-64, sides 4-32; issue 10):
+#   input gradient, stride 1: the flipped-kernel forward conv was faster for every kernel, dilation and
+#     shape (1.2-15x).
+#   weight gradient, stride 1, through 3x3 pieces:
+#     3x3 dilation 2: always (1.1-3.2x faster);
+#     5x5 dilation 2: on sides <= 8 (2.5-9x faster; oneDNN is slowest where the dilated kernel is wider than
+#       the image), not on sides >= 16 (there oneDNN's was 1.5-2.3x faster);
+#     5x5 dilation 1: on tensors of >= 2**17 elements (1.7-2.4x faster; on smaller ones oneDNN's was 1.1-2x
+#       faster);
+#     3x3 dilation 1 is oneDNN's fast case already.
+SPLIT_MAX_SIDE = 8
+SPLIT_MIN_NUMEL = 2 ** 17
+
+
+def flip_input_grad(k: int, stride: int, dilation: int) -> bool:
+    """Whether a depthwise conv's input gradient runs as a forward conv with the flipped kernel."""
+    return stride == 1
+
+
+def split_weight_grad(k: int, stride: int, dilation: int, shape: Sequence[int]) -> bool:
+    """Whether the weight gradient of a depthwise conv of an input of `shape` (N, C, H, W) runs through
+    3x3 pieces (`_grad_weight_split`)."""
+    n, c, h, w = shape
+    if stride != 1 or k not in (3, 5) or dilation not in (1, 2) or (k, dilation) == (3, 1):
+        return False
+    if dilation == 2:
+        return h % 2 == 0 and w % 2 == 0 and (k == 3 or max(h, w) <= SPLIT_MAX_SIDE)  # polyphase: even sides
+    return n * c * h * w >= SPLIT_MIN_NUMEL
+
+
+def _aten_grads(g, x, w, stride, padding, dilation, mask):
+    return torch.ops.aten.convolution_backward(g, x, w, None, [stride] * 2, [padding] * 2, [dilation] * 2, False,
+                                               [0, 0], x.shape[1], mask)
+
+
+def _grad_weight_split(x: torch.Tensor, g: torch.Tensor, k: int, dilation: int) -> torch.Tensor:
+    """d/dw of a stride-1 'same' depthwise conv through oneDNN's fast 3x3 weight gradient: a dilation-2 conv
+    is a dilation-1 conv on the four polyphase images (stacked in the batch); a 5x5 kernel is four
+    overlapping 3x3 blocks of the padded input."""
+    c = x.shape[1]
+    if dilation == 2:
+        x = torch.cat([x[:, :, a::2, b::2] for a in (0, 1) for b in (0, 1)], 0)
+        g = torch.cat([g[:, :, a::2, b::2] for a in (0, 1) for b in (0, 1)], 0)
+    w3 = x.new_zeros(c, 1, 3, 3)
+    if k == 3:
+        return _aten_grads(g, x, w3, 1, 1, 1, [False, True, False])[1]
+    h, wd = x.shape[-2:]
+    xp = F.pad(x, (2, 2, 2, 2))
+    out = x.new_empty(c, 1, 5, 5)
+    for i0 in (0, 2):
+        for j0 in (0, 2):
+            crop = xp[:, :, i0:i0 + h + 2, j0:j0 + wd + 2].contiguous(memory_format=CL)
+            out[:, :, i0:i0 + 3, j0:j0 + 3] = _aten_grads(g, crop, w3, 1, 0, 1, [False, True, False])[1]
+    return out
+
+
+class _Depthwise(torch.autograd.Function):
+    """A depthwise conv (F.conv2d forward) whose backward takes, by the fixed rules above, oneDNN's own
+    gradients or the faster alternatives."""
+
+    @staticmethod
+    def forward(ctx, x, w, stride, padding, dilation):
+        ctx.save_for_backward(x, w)
+        ctx.conf = (stride, padding, dilation)
+        return F.conv2d(x, w, None, stride, padding, dilation, x.shape[1])
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        stride, padding, dilation = ctx.conf
+        c, k = x.shape[1], w.shape[-1]
+        need_x, need_w = ctx.needs_input_grad[:2]
+        gx = gw = None
+        if need_x:
+            if flip_input_grad(k, stride, dilation):
+                gx = F.conv2d(g, w.flip(2, 3), None, 1, padding, dilation, c)
+            else:
+                gx = _aten_grads(g, x, w, stride, padding, dilation, [True, False, False])[0]
+        if need_w:
+            if split_weight_grad(k, stride, dilation, x.shape):
+                gw = _grad_weight_split(x, g, k, dilation)
+            else:
+                gw = _aten_grads(g, x, w, stride, padding, dilation, [False, True, False])[1]
+        return gx, gw, None, None, None
+
+
+def _is_same_depthwise(conv: nn.Module) -> bool:
+    return (isinstance(conv, nn.Conv2d) and conv.groups == conv.in_channels == conv.out_channels and conv.bias is None
+            and conv.kernel_size[0] == conv.kernel_size[1] and conv.dilation[0] == conv.dilation[1]
+            and conv.stride[0] == conv.stride[1] and conv.padding_mode == "zeros"
+            and conv.padding == (conv.dilation[0] * (conv.kernel_size[0] - 1) // 2,) * 2)
+
+
+# 1x1 convs (forward + backward, 1 thread, same shapes): one matmul over the (N*H*W, C) view beat oneDNN's
+# conv by 1.5-1.6x with up to 2048 rows (N*H*W); from 4096 rows on oneDNN's conv was 1.05-1.3x faster.
+PW_MATMUL_MAX_ROWS = 2048
+
+
+def pointwise_matmul(n: int, c_in: int, h: int, w: int) -> bool:
+    """Whether a 1x1 conv of a channels_last (N, c_in, h, w) tensor runs as one matmul."""
+    return n * h * w <= PW_MATMUL_MAX_ROWS
+
+
+def _pointwise_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A 1x1 conv of a channels_last x as one matmul over its (N*H*W, C) view: no copy, output channels_last."""
+    n, c, h, wd = x.shape
+    y = x.permute(0, 2, 3, 1).reshape(-1, c) @ w.view(w.shape[0], c).t()
+    return y.view(n, h, wd, -1).permute(0, 3, 1, 2)
+
+
+def _is_pointwise(conv: nn.Module) -> bool:
+    return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.groups == 1 and conv.bias is None
+            and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.dilation == (1, 1))
+
+
+def _layer(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    if LEVERS["dw_backward"] and _is_same_depthwise(layer):
+        return _Depthwise.apply(y, layer.weight, layer.stride[0], layer.padding[0], layer.dilation[0])
+    if (LEVERS["pw_matmul"] and _is_pointwise(layer) and y.dim() == 4 and y.is_contiguous(memory_format=CL)
+            and pointwise_matmul(*y.shape)):
+        return _pointwise_mm(y, layer.weight)
+    return layer(y)
+
+
+# --- candidates ---------------------------------------------------------------------------------
+def _layers_after_relu(op: nn.Module) -> list[nn.Module] | None:
+    """The layers `op.after_relu` runs, when op is a `ReLUSequential` (or a `StartsWithReLU` that wraps one
+    as `.op`, as SepConv and DilConv do) ending in a plain batch norm; else None (the op runs as declared)."""
+    if not isinstance(op, StartsWithReLU):
+        return None
+    seq = op if isinstance(op, ReLUSequential) else getattr(op, "op", None)
+    if not isinstance(seq, ReLUSequential):
+        return None
+    layers = list(seq)[1:]
+    return layers if len(layers) > 1 and _plain(layers[-1]) else None
+
+
+def _factorized_reduce(fr: FactorizedReduce, r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """w * FactorizedReduce(x) given r = ReLU(x)."""
+    h, wd = r.shape[-2:]
+    # on even sides the shifted branch never samples FactorizedReduce's padding: skip the copy
+    shifted = r[:, :, 1:, 1:] if h % 2 == 0 and wd % 2 == 0 else F.pad(r, (0, 1, 0, 1))[:, :, 1:, 1:]
+    y = torch.cat([fr.conv_1(r), fr.conv_2(shifted)], dim=1)
+    if LEVERS["bn_weighted"] and _plain(fr.bn):
+        return weighted_batch_norm(y, fr.bn, w)
+    return w * fr.bn(y)
+
+
+class _State:
+    """What is computed once per source state: its ReLU and its parameter-free candidates."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+        self._relu = None
+        self.pools: dict[tuple[str, int], torch.Tensor] = {}
+
+    def relu(self) -> torch.Tensor:
+        if not LEVERS["share_relu"]:
+            return torch.relu(self.x)
+        if self._relu is None:
+            self._relu = torch.relu(self.x)
+        return self._relu
+
+
+def _pool_bns(edges, readers: list[int], name: str) -> list[nn.BatchNorm2d] | None:
+    """The batch norms after pool `name` on the edges in `readers` ([] for pools without one), when all
+    are shareable; else None."""
+    bns = [pool_parts(edges[e].ops[name])[1] for e in readers]
+    if all(bn is None for bn in bns):
+        return []
+    return bns if all(_plain(bn) for bn in bns) else None
+
+
+def _stride(pool: nn.Module) -> int:
+    return pool.stride if isinstance(pool.stride, int) else pool.stride[0]
+
+
+# --- the cell -----------------------------------------------------------------------------------
+def cell_nodes(cell: nn.Module, states: Sequence[torch.Tensor], plan) -> list[torch.Tensor]:
+    """The intermediate nodes of a `SearchCell` (in order), given its preprocessed input states and a plan:
+    per node, `pairs` [(edge, op index)] and `weights` (one per pair)."""
+    space, edges = cell.space, cell.edges
+    states = [to_channels_last(s) for s in states]
+    info = [_State(s) for s in states]
+    # Which edges read each (state, pool) in this plan: their batch norms share one normalisation.
+    readers: dict[tuple[int, str], list[int]] = {}
+    for node_plan in plan:
+        for e, k in node_plan.pairs:
+            if space.ops[k] in dispatch.POOLS:
+                readers.setdefault((space.edges[e][1], space.ops[k]), []).append(e)
+    nodes = []
+    for node_plan in plan:
+        total = None
+        for (e, k), w in zip(node_plan.pairs, node_plan.weights.unbind(0)):
+            name = space.ops[k]
+            st = info[space.edges[e][1]]
+            x = st.x
+            edge = edges[e]
+            op = edge.ops[name]
+            shared = None
+            if isinstance(op, Identity):
+                shared = x
+            elif name in dispatch.POOLS and LEVERS["share_pools"]:
+                pool = pool_parts(op)[0]
+                key = (name, _stride(pool))
+                shared = st.pools.get(key)
+                if shared is None:
+                    bns = _pool_bns(edges, readers[(space.edges[e][1], name)], name)
+                    if bns is not None:
+                        shared = st.pools[key] = shared_batch_norm(pool(x), bns) if bns else pool(x)
+            if shared is not None:
+                total = torch.addcmul(total, w, shared) if total is not None else w * shared
+                continue
+            layers = _layers_after_relu(op)
+            if isinstance(op, FactorizedReduce):
+                term = _factorized_reduce(op, st.relu(), w)
+            elif layers is not None:
+                y = st.relu()
+                for layer in layers[:-1]:
+                    y = _layer(layer, y)
+                term = weighted_batch_norm(y, layers[-1], w) if LEVERS["bn_weighted"] else w * layers[-1](y)
+            elif isinstance(op, StartsWithReLU):
+                term = w * op.after_relu(st.relu())
+            else:
+                term = w * op(x)
+            total = term if total is None else total + term
+        if total is None:  # every chosen op is `none`
+            ref = states[0]
+            total = ref[:, :, ::2, ::2].mul(0.0) if cell.reduction else ref.mul(0.0)
+        nodes.append(total)
+        info.append(_State(total))
+    return nodes
