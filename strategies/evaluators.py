@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from supernet import SearchNetwork, checks, preserved_batchnorm, recalibrate_batchnorm
+from supernet import SearchNetwork, checks, devices, distributed, preserved_batchnorm, recalibrate_batchnorm
 from supernet.spaces import CellSpace, get_space
 
 from . import tables
@@ -136,17 +136,26 @@ class SupernetEvaluator:
     """Scores a candidate with the supernet's weights: `network.subnet(genotype)`, batch-norm statistics
     re-estimated on `bn_batches` training batches (SPOS), then held-out accuracy, precision, recall,
     macro-F1, parameters and FLOPs of the path, and optionally measured latency and table metrics
-    (e.g. a per-device latency table). The supernet's own batch-norm buffers are left unchanged."""
+    (e.g. a per-device latency table). The supernet's own batch-norm buffers are left unchanged.
+
+    `device` (auto|cpu|cuda|cuda:N; None: where the network is) is where the network is moved and
+    every batch is sent. Inside a torch.distributed process group (`supernet sample` under torchrun)
+    each rank scores its share of the held-out batches and the predictions are gathered, so every
+    rank gets the metrics one process would, in a fraction of the time."""
 
     def __init__(self, network: SearchNetwork, train_batches: Sequence[Batch], heldout_batches: Sequence[Batch],
                  bn_batches: int = 4, reward: Reward = "accuracy", measure_latency: bool = False,
-                 latency_repeats: int = 5, tables: Iterable[TabularBenchmark] = ()) -> None:
+                 latency_repeats: int = 5, tables: Iterable[TabularBenchmark] = (),
+                 device: "str | torch.device | None" = None) -> None:
         if not isinstance(network, SearchNetwork):
             raise ValueError(f"network must be a SearchNetwork, got {type(network).__name__}")
         if not train_batches or not heldout_batches:
             raise ValueError("the supernet evaluator needs at least one training batch and one held-out batch")
         checks.integer("bn_batches", bn_batches)
         checks.integer("latency_repeats", latency_repeats)
+        if device is not None:
+            network = network.to(devices.resolve_device(device))
+        self.device = next(network.parameters()).device
         self.network, self.train_batches, self.heldout_batches = network, list(train_batches), list(heldout_batches)
         self.bn_batches, self.reward = bn_batches, reward
         self.measure_latency, self.latency_repeats = measure_latency, latency_repeats
@@ -160,17 +169,25 @@ class SupernetEvaluator:
         network = self.network
         was_training = network.training
         sub = network.subnet(genotype)
+        rank, world = distributed.rank(), distributed.world_size()
         try:
             with preserved_batchnorm(network):
-                recalibrate_batchnorm(sub, self.train_batches, num_batches=self.bn_batches)
-                with torch.no_grad():
-                    predictions = torch.cat([sub(x).argmax(dim=1) for x, _ in self.heldout_batches])
-                labels = torch.cat([y for _, y in self.heldout_batches])
+                recalibrate_batchnorm(sub, [devices.to_device(b, self.device) for b in self.train_batches],
+                                      num_batches=self.bn_batches)
+                with torch.no_grad():  # this rank's share of the held-out batches (all of them in one process)
+                    mine = [(i, sub(x.to(self.device)).argmax(dim=1).cpu())
+                            for i, (x, _) in enumerate(self.heldout_batches) if i % world == rank]
+                if world > 1:
+                    mine = sorted(p for part in distributed.all_gather_object(mine, "gathering predictions")
+                                  for p in part)
+                predictions = torch.cat([p for _, p in mine])
+                labels = torch.cat([y for _, y in self.heldout_batches]).cpu()
                 metrics = classification_metrics(predictions, labels, network.num_classes)
-                sample = self.heldout_batches[0][0]
+                sample = self.heldout_batches[0][0].to(self.device)
                 metrics.update(profile(sub, sample))
-                if self.measure_latency:
-                    metrics["latency_ms"] = measure_latency(sub, sample[:1], self.latency_repeats)
+                if self.measure_latency:  # rank 0's measurement, so every rank holds the same history
+                    metrics["latency_ms"] = distributed.broadcast_object(
+                        measure_latency(sub, sample[:1], self.latency_repeats), "sharing the latency")
         finally:
             network.train(was_training)
         for table in self.tables:
@@ -182,7 +199,8 @@ class SupernetEvaluator:
 
 
 def load_supernet(run_dir: "str | Path", heldout: str = "val", batch_size: int | None = None,
-                  data: "tuple[torch.Tensor, torch.Tensor] | None" = None) -> tuple[SearchNetwork, list[Batch], list[Batch]]:
+                  data: "tuple[torch.Tensor, torch.Tensor] | None" = None,
+                  device: "str | torch.device" = "cpu") -> tuple[SearchNetwork, list[Batch], list[Batch]]:
     """The trained supernet of a `supernet search` run folder, its training batches (for batch-norm
     re-estimation) and its held-out batches (`heldout`: the run's "val" or "test" split).
 
@@ -205,7 +223,7 @@ def load_supernet(run_dir: "str | Path", heldout: str = "val", batch_size: int |
     if dataset != "tensors" and data is not None:
         raise ValueError(f"run {str(run_dir)!r} was searched on dataset {dataset!r}, not on tensors; "
                          "leave out --data-file")
-    run = load_run(run_dir, data=data)
+    run = load_run(run_dir, data=data, device=device)
     size = batch_size or run.config.batch_size
     return run.network, batches(*run.split.train, size), batches(*getattr(run.split, heldout), size)
 

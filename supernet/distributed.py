@@ -117,6 +117,15 @@ def broadcast_object(obj, what: str = "broadcast"):
     return box[0]
 
 
+def all_gather_object(obj, what: str = "gather") -> list:
+    """Every rank's `obj`, in rank order (`[obj]` in one process)."""
+    if not active():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    _collective(lambda: dist.all_gather_object(out, obj), what)
+    return out
+
+
 def barrier(what: str = "barrier") -> None:
     if active():
         _collective(dist.barrier, what)

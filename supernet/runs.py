@@ -175,7 +175,7 @@ def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"].cpu())  # a checkpoint loaded with map_location=<a GPU> holds it there
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([t.cpu() for t in cuda])  # a checkpoint from another machine keeps the CUDA generators as seeded
+        torch.cuda.set_rng_state_all([t.cpu() for t in cuda])  # else the CUDA generators stay as seeded
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]

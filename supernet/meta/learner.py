@@ -26,6 +26,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from .. import checks
+from ..devices import resolve_device
 from ..mixing import MIXING
 from ..search_network import SearchNetwork
 from .episodes import Episode, stack_episodes
@@ -159,7 +160,8 @@ class AdaptedNetwork:
         self._genotype = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits for a batch of x."""
+        """Logits for a batch of x (moved to the network's device)."""
+        x = x.to(next(iter(self.params.values())).device) if isinstance(x, torch.Tensor) else x
         self.network.check_input(x)
         self.network.train()
         with torch.no_grad():
@@ -170,7 +172,8 @@ class AdaptedNetwork:
         """Share of x classified as y (e.g. the task's query set)."""
         if not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],):
             raise ValueError(f"labels have shape {tuple(getattr(y, 'shape', ()))}; expected ({x.shape[0]},)")
-        return (self(x).argmax(dim=-1) == y).float().mean().item()
+        logits = self(x)
+        return (logits.argmax(dim=-1) == y.to(logits.device)).float().mean().item()
 
     def module(self) -> SearchNetwork:
         """A stand-alone copy of the network holding the adapted parameters."""
@@ -199,7 +202,8 @@ class MetaLearner:
 
     def __init__(self, network: SearchNetwork, method: str = "maml", inner_steps: int = 5,
                  inner_lr_weights: float = 0.1, inner_lr_alphas: float = 0.1, meta_lr_weights: float = 1e-3,
-                 meta_lr_alphas: float = 1e-3, learn_alphas: bool = True) -> None:
+                 meta_lr_alphas: float = 1e-3, learn_alphas: bool = True,
+                 device: "str | torch.device | None" = None) -> None:
         if not isinstance(network, SearchNetwork):
             raise ValueError(f"MetaLearner needs a SearchNetwork, got {type(network).__name__}")
         if not network.mixing.differentiable:
@@ -215,6 +219,9 @@ class MetaLearner:
             learning_rate(name, value) for name, value in (
                 ("inner_lr_weights", inner_lr_weights), ("inner_lr_alphas", inner_lr_alphas),
                 ("meta_lr_weights", meta_lr_weights), ("meta_lr_alphas", meta_lr_alphas)))
+        if device is not None:  # the run owns the device: the network moves, episodes follow it
+            network = network.to(resolve_device(device))
+        self.device = next(network.parameters()).device
         self.network = network.train()
         self.method, self.inner_steps, self.learn_alphas = method, inner_steps, learn_alphas
         self.inner_lr_weights, self.inner_lr_alphas = inner_lr_weights, inner_lr_alphas
@@ -245,6 +252,8 @@ class MetaLearner:
     def _check_episode(self, episodes: Episode) -> Episode:
         if not isinstance(episodes, Episode):
             raise ValueError(f"expected an Episode, got {type(episodes).__name__}")
+        episodes = Episode(*(getattr(episodes, f).to(self.device)
+                             for f in ("support_x", "support_y", "query_x", "query_y", "classes")))
         x = episodes.support_x
         self.network.check_input(x if x.dim() == 4 else x[0])
         labels = torch.cat([episodes.support_y.flatten(), episodes.query_y.flatten()])
@@ -306,10 +315,12 @@ class MetaLearner:
             part = Episode(*(getattr(episodes, f)[start:start + chunk]
                              for f in ("support_x", "support_y", "query_x", "query_y", "classes")))
             accs.append(self.adapt_many(part, steps)[1]["query_accuracy"])
-        return torch.cat(accs)
+        return torch.cat(accs).cpu()
 
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, steps: int | None = None) -> AdaptedNetwork:
         """The network adapted to one task's support set (weights and, if learned, alphas)."""
+        if isinstance(support_x, torch.Tensor) and isinstance(support_y, torch.Tensor):
+            support_x, support_y = support_x.to(self.device), support_y.to(self.device)
         self.network.check_input(support_x)
         if not isinstance(support_y, torch.Tensor) or support_y.shape != (support_x.shape[0],):
             raise ValueError(f"support labels have shape {tuple(getattr(support_y, 'shape', ()))}; "
