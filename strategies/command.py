@@ -12,9 +12,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from supernet import checks, runs
-from supernet.cli import set_threads
+from supernet import checks, devices, distributed, runs
+from supernet.cli import add_device_arguments, set_threads
 from supernet.commands.search import _load_data_file
+from supernet.tensorboard import check_available as check_tensorboard
+from supernet.tensorboard import open_events
 
 from .base import Strategy, make_strategy, restore, search
 from .evaluators import SupernetEvaluator, TabularBenchmark, TabularEvaluator, load_supernet
@@ -44,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sample folder, new or empty (default: a new samples/sample-<time>)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     parser.add_argument("--quiet", action="store_true", help="no per-strategy lines")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="also write TensorBoard events (rewards, metrics, best so far) into OUT/tensorboard")
     parser.add_argument("--latency-table", metavar="CSV",
                         help="per-device latency table: 'nb201-latency' (shipped) or a CSV path in its format")
     parser.add_argument("--cost", default=None,
@@ -56,6 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run split that scores subnetworks")
     parser.add_argument("--bn-batches", type=int, default=4, help="training batches that re-estimate batch norm")
     parser.add_argument("--measure-latency", action="store_true", help="time each subnetwork's forward (ms)")
+    add_device_arguments(parser)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is often fastest for small subnets "
                              "on busy cores)")
@@ -82,7 +87,8 @@ def build_evaluator(args: argparse.Namespace):
         return TabularEvaluator(table, reward), args.space, 50
     checks.integer("--bn-batches", args.bn_batches)
     data = _load_data_file(args.data_file) if args.data_file is not None else None
-    network, train, heldout = load_supernet(args.run, args.heldout, data=data)
+    network, train, heldout = load_supernet(args.run, args.heldout, data=data,
+                                            device=devices.resolve_device(getattr(args, "device", "cpu")))
     metric = args.metric or "accuracy"
     reward = metric if args.target is None else TargetReward(metric, args.cost, args.target, args.weight, args.hard)
     evaluator = SupernetEvaluator(network, train, heldout, args.bn_batches, reward, args.measure_latency,
@@ -112,18 +118,39 @@ def build_strategies(args: argparse.Namespace, space) -> dict[str, Strategy]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs `supernet sample`: checks everything, then opens the sample folder and searches."""
+    """Runs `supernet sample`: checks everything, then opens the sample folder and searches.
+
+    Under torchrun every rank runs the same seeded strategies; a supernet's held-out scoring of each
+    candidate is split across the ranks, and rank 0 alone writes the sample folder.
+    """
+    device = devices.resolve_device(getattr(args, "device", "auto"))
+    opened = distributed.setup(device)
+    try:
+        return _run(args)
+    finally:
+        distributed.teardown(opened)
+
+
+def _run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
+    main = distributed.is_main()
+    if not main:
+        args.quiet = True
     checks.integer("--budget", args.budget)
+    check_tensorboard(args.tensorboard)
     evaluator, space, checkpoint_every = build_evaluator(args)
     strategies = build_strategies(args, space)
     # Every check is done: only now is the sample folder made (no junk folder from a bad option).
-    out = args.out if args.resume else runs.open_run_dir(args.out, "samples", "sample")
+    if args.resume:
+        out = args.out
+    else:  # rank 0 makes the folder; the others only learn its path
+        made = str(runs.open_run_dir(args.out, "samples", "sample")) if main else ""
+        out = Path(distributed.broadcast_object(made, "sharing the sample folder"))
     if not args.quiet:
         print(f"sample folder: {out}")
     try:
         for name, strategy in strategies.items():
-            search(strategy, evaluator, out / f"{name}.json", checkpoint_every)
+            search(strategy, evaluator, out / f"{name}.json" if main else None, checkpoint_every)
             if not args.quiet:
                 best = strategy.best()
                 print(f"{name}: best reward {best.reward:.4f} after {len(strategy.history)} evaluations: {best.arch}")
@@ -131,7 +158,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nsupernet sample: interrupted; continue with the same options and --resume --out {out}",
               file=sys.stderr)
         return 130
+    if not main:
+        return 0
+    events = open_events(out, args.tensorboard)
+    for name, strategy in strategies.items():
+        events.trials(name, strategy.history)
     plot_best_reward(strategies, out / "best_reward.png")
+    events.image_file("best_reward", out / "best_reward.png")
+    events.close()
     summary = {"best": {name: vars(s.best()) for name, s in strategies.items()}}
     if args.cost is not None:
         trials = [t for s in strategies.values() for t in s.history]

@@ -1,7 +1,7 @@
 """Export a searched model out of the library: a `torch.export` program (or ONNX) that runs without supernet.
 
-A search run folder keeps its retrained networks as `retrained_<name>.pt` (genotype, network settings,
-input shape and weights). `export(run_dir, out)` rebuilds the derived one, traces it with torch.export
+A search run folder keeps its retrained networks as `retrained_<name>.pt` (`supernet.retrain`: genotype,
+network settings, input shape and weights). `export(run_dir, out)` rebuilds the derived one, traces it with torch.export
 (batch size left dynamic), checks the program against the in-library model on a batch, then writes it
 atomically. `subnet=True` exports the supernet's chosen path with its inherited weights instead.
 """
@@ -16,32 +16,9 @@ import torch
 from torch import nn
 
 from . import runs
-from .eval_network import EvalNetwork
-
-RETRAINED = "retrained_{}.pt"  # run-folder file of a retrained network: derived, random
-MODEL_FORMAT = 1
-
-
-def save_retrained(run_dir: "str | Path", name: str, model: EvalNetwork, image_size: tuple[int, int]) -> Path:
-    """Writes a retrained evaluation network into its run folder, with what it takes to rebuild it."""
-    config = {"format": MODEL_FORMAT, "space": model.space.name, "genotype": model.space.format(model.genotype),
-              "C": model.C, "layers": model.layers, "num_classes": model.num_classes, "in_channels": model.in_channels,
-              "auxiliary": model.auxiliary, "stem": model.stem_kind, "image_size": list(image_size)}
-    return runs.save_checkpoint(Path(run_dir) / RETRAINED.format(name), {"config": config, "state": model.state_dict()})
-
-
-def load_retrained(run_dir: "str | Path", name: str = "derived") -> tuple[EvalNetwork, tuple[int, int]]:
-    """The retrained network `name` of a run folder, in eval mode, and its input image size."""
-    path = Path(run_dir) / RETRAINED.format(name)
-    if not path.is_file():
-        raise ValueError(f"run folder {str(run_dir)!r} holds no retrained {name} network ({path.name}); "
-                         "it was searched with retrain_epochs=0 or has not finished")
-    state = runs.load_checkpoint(path)
-    c = state["config"]
-    model = EvalNetwork(c["space"], c["genotype"], C=c["C"], layers=c["layers"], num_classes=c["num_classes"],
-                        in_channels=c["in_channels"], auxiliary=c["auxiliary"], stem=c["stem"])
-    model.load_state_dict(state["state"])
-    return model.eval(), tuple(c["image_size"])
+from .retrain import load_retrained
+from .search_network import recalibrate_batchnorm
+from .search_run import load_run
 
 
 class _Logits(nn.Module):
@@ -104,9 +81,6 @@ def export(run_dir: "str | Path", out: "str | Path", *, subnet: bool = False, on
 
 
 def _chosen_subnet(run_dir: "str | Path", data: Any) -> tuple[nn.Module, torch.Tensor]:
-    from . import load_run
-    from .search_network import recalibrate_batchnorm
-
     run = load_run(run_dir, data=data)
     if run.genotype is None:
         raise ValueError(f"run {str(run_dir)!r} has not finished its search: no genotype was chosen yet")

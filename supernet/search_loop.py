@@ -25,6 +25,7 @@ from torch import nn
 from . import architect, data, devices, distributed, runs
 from .search_config import SearchConfig, build_network
 from .search_network import SearchNetwork, preserved_batchnorm, recalibrate_batchnorm
+from .tensorboard import Events
 
 
 def seed_everything(seed: int) -> None:
@@ -98,6 +99,7 @@ class Searcher:
         self.config, self.split = config, split
         self.checkpoint_path = checkpoint_path
         self.quiet, self.log = quiet, log or (lambda msg: None)
+        self.events = Events()  # TensorBoard (a no-op unless the run opens them)
         self.callback = callback
         self.device = devices.resolve_device(device)
         self.precision = devices.Precision(config.precision, self.device)
@@ -120,7 +122,8 @@ class Searcher:
         if compile:
             self.model = torch.compile(self.net)
         self.ctx = architect.StepContext(model=self.model, autocast=self.precision.autocast,
-                                         scale=self.precision.scale, reduce=self._reduce)
+                                         scale=self.precision.scale,
+                                         reduce=self._reduce if self.world > 1 else architect._no_reduce)
         self.w_opt = torch.optim.SGD(self.net.weight_parameters(), lr=config.w_lr, momentum=config.w_momentum,
                                      weight_decay=config.w_weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.w_opt, T_max=config.epochs,
@@ -312,6 +315,11 @@ class Searcher:
             record["tau"] = self.net.mixing.tau
         self.history["epochs"].append(record)
         self.history["alphas"].append(softmaxed_alphas(self.net))
+        self.events.scalars(record["epoch"], {k: v for k, v in record.items() if k not in ("epoch", "genotype")},
+                            prefix="search/")
+        if self.learns_alphas:
+            self.events.alphas(record["epoch"], self.history["alphas"][-1], self.net.space.ops, self.net.space.edges)
+        self.events.text("search/genotype", record["genotype"], record["epoch"])
         self.log(f"epoch {record['epoch']}/{self.config.epochs}: train loss {record['train_loss']:.4f}, "
                  f"train acc {record['train_accuracy']:.4f}, val acc {record['val_accuracy']:.4f}")
         self.epoch, self.step = self.epoch + 1, 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +17,13 @@ import torch
 from . import data as data_module
 from . import devices, distributed, plots, runs
 from .eval_network import count_parameters
-from .retrain import train_from_scratch
+from .retrain import RETRAINED, train_from_scratch
 from .search_config import SearchConfig, build_network
 from .search_loop import Searcher
 from .search_network import SearchNetwork
 from .spaces import get_space
+from .tensorboard import check_available as check_tensorboard
+from .tensorboard import open_events
 
 
 @dataclass
@@ -55,6 +57,16 @@ def _resolve_config(options: dict, resume: Path | None, data_tensors: data_modul
     return SearchConfig.from_dict(runs.resume_config(resume, options))
 
 
+def _expected_config(config: SearchConfig, resume: Path) -> dict:
+    """The config a resumed checkpoint must hold; fields added since it was written count at their defaults."""
+    stored = runs.read_checkpoint_config(resume / runs.CHECKPOINT)
+    expected = config.to_dict()
+    for f in fields(SearchConfig):
+        if f.name not in stored and expected[f.name] == f.default:
+            del expected[f.name]
+    return expected
+
+
 def load_config_split(config: SearchConfig, data: data_module.Pair | None) -> data_module.Split:
     """The data split a config searches on."""
     return data_module.load_split(config.dataset, config.seed, config.data_dir, data, config.val_fraction,
@@ -65,7 +77,7 @@ def search(*, resume: "str | Path | None" = None, data: data_module.Pair | None 
            run_dir: "str | Path | None" = None, quiet: bool = True,
            callback: Callable[[Searcher], None] | None = None,
            on_run_dir: Callable[[Path], None] | None = None, device: "str | torch.device" = "auto",
-           compile: bool = False, **options: Any) -> SearchResult:
+           compile: bool = False, tensorboard: bool = False, **options: Any) -> SearchResult:
     """Runs a one-shot search (then retrains the result and a random architecture) and writes a run folder.
 
     `options` are `SearchConfig` fields (method, epochs, C, ...). `data=(images, labels)` searches on
@@ -74,7 +86,9 @@ def search(*, resume: "str | Path | None" = None, data: data_module.Pair | None 
     the run folder exists. Every check runs before the folder is made, so a refused run leaves none.
 
     `device` is auto|cpu|cuda|cuda:N (auto: a GPU when there is one); `compile=True` runs the search
-    step through torch.compile (its first-step time is reported). Started by torchrun (or inside an
+    step through torch.compile (its first-step time is reported). `tensorboard=True` also writes
+    TensorBoard events (losses, accuracies, learning rate, per-edge alpha softmaxes, cell drawings) into
+    `<run_dir>/tensorboard/` (the optional tensorboard extra). Started by torchrun (or inside an
     open torch.distributed process group), the search is data parallel: each rank takes
     batch_size / world_size of every global batch, gradients are averaged, and rank 0 alone writes the
     run folder, the log and the plots and retrains; the other ranks return after the search.
@@ -82,12 +96,14 @@ def search(*, resume: "str | Path | None" = None, data: data_module.Pair | None 
     dev = devices.resolve_device(device)
     opened = distributed.setup(dev)
     try:
-        return _search(resume, data, out, run_dir, quiet, callback, on_run_dir, dev, compile, options)
+        return _search(resume, data, out, run_dir, quiet, callback, on_run_dir, dev, compile, tensorboard, options)
     finally:
         distributed.teardown(opened)
 
 
-def _search(resume, data, out, run_dir, quiet, callback, on_run_dir, device, compile, options) -> SearchResult:
+def _search(resume, data, out, run_dir, quiet, callback, on_run_dir, device, compile, tensorboard,
+            options) -> SearchResult:
+    check_tensorboard(tensorboard)
     main = distributed.is_main()
     if resume is not None:
         resume = Path(resume)
@@ -100,7 +116,7 @@ def _search(resume, data, out, run_dir, quiet, callback, on_run_dir, device, com
         data_module.steps_per_epoch(len(split.train_val[0]), config.retrain_batch_size)
     searcher = Searcher(config, split, quiet=quiet, callback=callback, device=device,
                         compile=compile)  # checks batch sizes, the device, the precision and the network
-    stored = (runs.load_checkpoint(resume / runs.CHECKPOINT, config.to_dict(), map_location=device)
+    stored = (runs.load_checkpoint(resume / runs.CHECKPOINT, _expected_config(config, resume), map_location=device)
               if resume is not None else None)
     if stored is not None:
         searcher.load_state(stored)  # before the folder is touched: a refused world size leaves it as it was
@@ -123,6 +139,8 @@ def _search(resume, data, out, run_dir, quiet, callback, on_run_dir, device, com
         print(f"run folder: {run_dir}", file=sys.stderr)
     log = runs.RunLog(run_dir / runs.LOG) if main else (lambda message: None)
     searcher.checkpoint_path, searcher.log = run_dir / runs.CHECKPOINT, log
+    if main:
+        searcher.events = open_events(run_dir, tensorboard)
     if stored is not None:
         searcher.last_checkpoint = searcher.checkpoint_path
     if main:
@@ -137,9 +155,10 @@ def _search(resume, data, out, run_dir, quiet, callback, on_run_dir, device, com
     try:
         genotype = searcher.run()
     except distributed.PeerFailure as err:
-        resume_hint = (f"the last checkpoint is {str(searcher.last_checkpoint)!r}; continue with --resume {run_dir}"
-                       if searcher.last_checkpoint else "no checkpoint was written yet")
-        raise distributed.PeerFailure(f"{err}; {resume_hint} under the same world size") from None
+        resume_hint = (f"the last checkpoint is {str(searcher.last_checkpoint)!r}; continue with --resume {run_dir} "
+                       "under the same world size" if searcher.last_checkpoint
+                       else "no checkpoint was written yet: start the run again")
+        raise distributed.PeerFailure(f"{err}; {resume_hint}") from None
     search_seconds = searcher.seconds()
     log(f"searched genotype: {searcher.net.space.format(genotype)}")
     if not main:  # rank 0 alone retrains and writes the results
@@ -159,18 +178,20 @@ def _search(resume, data, out, run_dir, quiet, callback, on_run_dir, device, com
     }
     if config.retrain_epochs > 0:
         results["derived"] = train_from_scratch(genotype, config, split, config.seed + 1, quiet, "retrain derived",
-                                                device=device)
+                                                device=device, save_to=run_dir / RETRAINED.format("derived"))
         log(f"derived architecture: test accuracy {results['derived']['test_accuracy']:.4f}")
         random_genotype = searcher.net.space.random_genotype(random.Random(config.seed))
         results["random"] = train_from_scratch(random_genotype, config, split, config.seed + 1, quiet,
-                                               "retrain random", device=device)
+                                               "retrain random", device=device,
+                                               save_to=run_dir / RETRAINED.format("random"))
         log(f"random architecture: test accuracy {results['random']['test_accuracy']:.4f}")
     results["total_seconds"] = search_seconds + sum(results[k]["seconds"] for k in ("derived", "random")
                                                     if k in results)
 
     paths = {"run_dir": run_dir, "config": run_dir / runs.CONFIG, "checkpoint": run_dir / runs.CHECKPOINT,
              "results": run_dir / runs.RESULTS, "alpha_history": run_dir / runs.ALPHA_HISTORY,
-             "log": run_dir / runs.LOG}
+             "log": run_dir / runs.LOG,
+             **{f"retrained_{k}": run_dir / RETRAINED.format(k) for k in ("derived", "random") if k in results}}
     space = get_space(config.space)
     runs.atomic_write_json({"ops": list(space.ops), "edges": [list(e) for e in space.edges],
                             "epochs": list(range(len(searcher.history["alphas"]))),
@@ -182,6 +203,13 @@ def _search(resume, data, out, run_dir, quiet, callback, on_run_dir, device, com
     results["paths"] = {k: str(v) for k, v in paths.items()}
     results["history"] = searcher.history["epochs"]
     runs.atomic_write_json(results, paths["results"])
+    events = searcher.events
+    events.scalars(0, {f"{k}_test_accuracy": results[k]["test_accuracy"] for k in ("derived", "random")
+                       if k in results}, prefix="retrain/")
+    for name, path in paths.items():
+        if str(path).endswith(".png"):
+            events.image_file(f"search/{name}", path)
+    events.close()
     log(f"results written to {paths['results']}")
     return SearchResult(genotype, searcher.history, run_dir, paths, results)
 

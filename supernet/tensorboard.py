@@ -37,10 +37,19 @@ class Events:
             for (node, src), row in zip(edges, rows):
                 self.writer.add_scalars(f"alphas/{cell_type}/{src}->{node}", dict(zip(ops, map(float, row))), step)
 
-    def figure(self, tag: str, figure: Any, step: int = 0) -> None:
-        """A matplotlib figure as an image."""
+    def image_file(self, tag: str, path: "str | Path", step: int = 0) -> None:
+        """A PNG the run wrote (cell drawings, curves), as an image."""
         if self.writer is not None:
-            self.writer.add_figure(tag, figure, step, close=False)
+            from matplotlib.image import imread
+
+            self.writer.add_image(tag, imread(str(path))[..., :3], step, dataformats="HWC")
+
+    def trials(self, name: str, history: Sequence[Any]) -> None:
+        """A strategy's trials: reward, best reward so far and every metric, against the evaluation count."""
+        best = -float("inf")
+        for i, trial in enumerate(history, start=1):
+            best = max(best, trial.reward)
+            self.scalars(i, {"reward": trial.reward, "best_reward": best, **trial.metrics}, prefix=f"{name}/")
 
     def text(self, tag: str, text: str, step: int = 0) -> None:
         if self.writer is not None:

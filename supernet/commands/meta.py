@@ -6,7 +6,7 @@ import argparse
 import sys
 from dataclasses import fields
 
-from ..cli import set_threads
+from ..cli import add_device_arguments, set_threads
 from ..meta.learner import METHODS
 from ..meta.run import DATASETS, MetaConfig
 
@@ -68,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "folder under --out)")
     parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="also write TensorBoard events into RUN_DIR/tensorboard (the tensorboard extra)")
+    add_device_arguments(parser)
     # One thread: each op here is a few microseconds of work, so a second thread only adds
     # synchronisation, and on a busy machine waiting for it costs up to 30x (measured on 2 cores).
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -83,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     if "split_fractions" in options:
         options["split_fractions"] = tuple(options["split_fractions"])
     try:
-        result = meta_learn(resume=args.resume, out=args.out, run_dir=args.run_dir, quiet=args.quiet, **options)
+        result = meta_learn(resume=args.resume, out=args.out, run_dir=args.run_dir, quiet=args.quiet,
+                            tensorboard=args.tensorboard, device=args.device, **options)
     except RunInterrupted as stop:
         print(f"\nsupernet meta: interrupted; continue with: supernet meta --resume {stop.run_dir}", file=sys.stderr)
         return 130

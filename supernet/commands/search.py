@@ -14,8 +14,8 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from ..cli import add_device_arguments, set_threads
-from ..distributed import PeerFailure
 from ..devices import PRECISIONS
+from ..distributed import PeerFailure
 from ..search_config import DATASETS, METHODS, SearchConfig
 from ..search_loop import DivergenceError
 from ..search_run import search
@@ -101,6 +101,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                         help="continue an interrupted run from its checkpoint (options given must match the run)")
     add_device_arguments(parser)
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="also write TensorBoard events into RUN_DIR/tensorboard (the tensorboard extra)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the search step (opt-in; the first step's time, compilation included, "
                              "goes into results.json and the log)")
@@ -156,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
     opened: list[Path] = []  # the run folder, once made: an interruption names it even under --quiet
     try:
         result = search(resume=args.resume, data=data, run_dir=args.run_dir, out=args.out, quiet=args.quiet,
-                        on_run_dir=opened.append, device=args.device, compile=args.compile, **options)
+                        on_run_dir=opened.append, device=args.device, compile=args.compile,
+                        tensorboard=args.tensorboard, **options)
     except (DivergenceError, PeerFailure) as err:
         print(f"supernet search: error: {err}", file=sys.stderr)
         return 1

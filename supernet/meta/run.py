@@ -25,8 +25,11 @@ from typing import Any
 import torch
 
 from .. import checks, runs
+from ..devices import resolve_device
 from ..search_network import SearchNetwork
 from ..spaces import list_spaces
+from ..tensorboard import Events, open_events
+from ..tensorboard import check_available as check_tensorboard
 from .episodes import Episode, EpisodeSampler, FewShotDataset, digits_fewshot, split_by_class, split_fractions
 from .learner import METHODS, MetaLearner, NonFiniteUpdate, learning_rate
 from .omniglot import load_omniglot
@@ -126,12 +129,13 @@ def build_network(config: MetaConfig, in_channels: int) -> SearchNetwork:
                          in_channels=in_channels, mixing="softmax")
 
 
-def build_learner(config: MetaConfig, name: str, in_channels: int) -> MetaLearner:
+def build_learner(config: MetaConfig, name: str, in_channels: int, device: "str | torch.device | None" = None
+                  ) -> MetaLearner:
     if name not in LEARNERS:
         raise ValueError(f"unknown learner {name!r}; expected one of {list(LEARNERS)}")
     return MetaLearner(build_network(config, in_channels), config.method, config.inner_steps,
                        config.inner_lr_weights, config.inner_lr_alphas, config.meta_lr_weights,
-                       config.meta_lr_alphas, learn_alphas=name != "fixed")
+                       config.meta_lr_alphas, learn_alphas=name != "fixed", device=device)
 
 
 def check_episodes(config: MetaConfig, splits: dict[str, FewShotDataset]) -> None:
@@ -184,14 +188,16 @@ class MetaRun:
     """Meta-trains the config's learners in turn, checkpointing its whole state once `write_to` names a folder."""
 
     def __init__(self, config: MetaConfig, splits: dict[str, FewShotDataset], quiet: bool = True,
-                 callback: Callable[["MetaRun"], None] | None = None) -> None:
+                 callback: Callable[["MetaRun"], None] | None = None,
+                 device: "str | torch.device | None" = None) -> None:
         check_episodes(config, splits)
         self.config, self.splits, self.quiet, self.callback = config, splits, quiet, callback
         self.checkpoint_path: Path | None = None
         self.log: Callable[[str], None] = lambda message: None
+        self.events = Events()  # TensorBoard (a no-op unless the run opens them)
         self.saved_at: tuple[str, int] | None = None  # (phase, step) of the checkpoint on disk
         in_channels = splits["train"].image_shape[0]
-        self.learners = {name: build_learner(config, name, in_channels) for name in config.learners}
+        self.learners = {name: build_learner(config, name, in_channels, device) for name in config.learners}
         trained = [n for n in config.learners if n != "none"]
         self.samplers = {n: EpisodeSampler(splits["train"], config.n_way, config.k_shot, config.query, config.seed)
                          for n in trained}
@@ -214,7 +220,8 @@ class MetaRun:
         for n, learner in self.learners.items():
             learner.load_state_dict(state["learners"][n])
         for n, sampler in self.samplers.items():
-            sampler.load_state_dict(state["samplers"][n])
+            sampler.load_state_dict({k: v.cpu() if isinstance(v, torch.Tensor) else v  # generator states: CPU
+                                     for k, v in state["samplers"][n].items()})
         self.history, self.phase, self.step, self.elapsed = state["history"], state["phase"], state["step"], \
             state["elapsed"]
         self.saved_at = (self.phase, self.step)
@@ -232,6 +239,7 @@ class MetaRun:
                            self.config.seed + 1)
         self.history[name]["val"].append({"step": self.step, "accuracy": accs.mean().item()})
         self.log(f"{name}: meta-step {self.step}, meta-validation accuracy {accs.mean().item():.4f}")
+        self.events.scalars(self.step, {"accuracy": accs.mean().item()}, prefix=f"{name}/meta_val/")
 
     def run(self) -> None:
         """Meta-trains every learner that trains, from wherever the state stands."""
@@ -258,6 +266,7 @@ class MetaRun:
                                      "lower the inner or meta learning rates") from None
                 self.step += 1
                 history["train"].append({"step": self.step, **stats})
+                self.events.scalars(self.step, stats, prefix=f"{name}/meta_train/")
                 if self.step % c.val_every == 0 or self.step == c.meta_steps:
                     self.validate(name)
                 finished = self.step == c.meta_steps
@@ -286,14 +295,20 @@ def _resolve_config(options: dict, resume: Path | None) -> MetaConfig:
 
 
 def meta_learn(*, resume: "str | Path | None" = None, out: "str | Path" = "runs", run_dir: "str | Path | None" = None,
-               quiet: bool = True, callback: Callable[[MetaRun], None] | None = None, **options: Any) -> MetaResult:
+               quiet: bool = True, callback: Callable[[MetaRun], None] | None = None,
+               device: "str | torch.device" = "auto", tensorboard: bool = False, **options: Any) -> MetaResult:
     """Meta-trains, tests against the baselines on the same episodes, and writes a run folder.
 
     `options` are `MetaConfig` fields. `run_dir` must be new or empty (default: a new folder under
     `out`); `resume=RUN_DIR` continues an interrupted run (options given then must match it).
     `callback(run)` is called after every meta-step (monitoring, tests). Ctrl-C after the run folder
-    exists raises `RunInterrupted`, which names it.
+    exists raises `RunInterrupted`, which names it. `device`: auto|cpu|cuda|cuda:N (auto: a GPU when
+    there is one); a checkpoint written on one device resumes on another. `tensorboard=True` also writes
+    TensorBoard events (meta-training losses, meta-validation and test accuracies, the curves) into
+    `<run_dir>/tensorboard/` (the optional tensorboard extra).
     """
+    check_tensorboard(tensorboard)
+    device = resolve_device(device)
     if resume is not None:
         resume = Path(resume)
         if not resume.is_dir():
@@ -305,11 +320,12 @@ def meta_learn(*, resume: "str | Path | None" = None, out: "str | Path" = "runs"
     # every check before the run folder is opened, so a run that cannot start leaves no folder behind
     config = _resolve_config(options, resume)
     splits = load_fewshot(config)
-    meta_run = MetaRun(config, splits, quiet, callback)
+    meta_run = MetaRun(config, splits, quiet, callback, device)
     if resume is not None:
-        meta_run.load_state(runs.load_checkpoint(resume / runs.CHECKPOINT, config.to_dict()))
+        meta_run.load_state(runs.load_checkpoint(resume / runs.CHECKPOINT, config.to_dict(), map_location=device))
     run_dir = runs.open_run_dir(run_dir, out, f"meta-{config.method}", resume=resume is not None)
     try:
+        meta_run.events = open_events(run_dir, tensorboard)
         return _meta_learn_in(run_dir, meta_run, resumed=resume is not None, quiet=quiet)
     except KeyboardInterrupt:
         raise RunInterrupted(run_dir) from None
@@ -359,6 +375,9 @@ def _meta_learn_in(run_dir: Path, meta_run: MetaRun, resumed: bool, quiet: bool)
                "seconds": {"meta_training": train_seconds, "testing": test_seconds},
                "versions": runs.library_versions(), "paths": {k: str(v) for k, v in paths.items()}}
     runs.atomic_write_json(results, paths["results"])
+    meta_run.events.scalars(0, {f"{name}_test_accuracy": t["accuracy"] for name, t in test.items()}, prefix="test/")
+    meta_run.events.image_file("meta_curves", paths["curves"])
+    meta_run.events.close()
     log(f"results written to {paths['results']}")
     return MetaResult(run_dir, paths, results, meta_run.learners)
 
