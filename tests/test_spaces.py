@@ -151,6 +151,9 @@ def test_derivation_checks_the_weight_shapes():
     ("Genotype(normal=[('skip_connect', 0), ('skip_connect', 1)], normal_concat=5, reduce=[('skip_connect', 0), "
      "('skip_connect', 1)], reduce_concat=[2])", "normal_concat=5 is not a list"),
     ("Genotype(normal=[('sep_conv_3x3', 0), ('skip_connect', 1)], normal_concat=[2])", "missing fields"),
+    # an expression where a literal belongs: our message, not the ast module's
+    ("Genotype(normal=[('skip_connect', 0)] * 8, normal_concat=[2], reduce=[], reduce_concat=[2])",
+     "malformed genotype .*fields must be literal lists"),
 ])
 def test_malformed_darts_genotypes_are_named(text, message):
     with pytest.raises(ValueError, match=message):

@@ -168,7 +168,7 @@ class DartsSpace(CellSpace):
             parsed = {k: (_parse_concat(v) if k.endswith("concat") else ast.literal_eval(v))
                       for k, v in values.items()}
         except (ValueError, TypeError, SyntaxError) as err:
-            if isinstance(err, ValueError) and str(err).startswith("malformed"):
+            if isinstance(err, ValueError) and str(err).startswith("malformed genotype"):
                 raise
             raise ValueError(f"malformed genotype {text!r}: fields must be literal lists") from None
         genotype = Genotype(**parsed)
