@@ -19,7 +19,7 @@ from supernet.tensorboard import check_available as check_tensorboard
 from supernet.tensorboard import open_events
 
 from .base import Strategy, make_strategy, restore, search
-from .evaluators import SupernetEvaluator, TabularBenchmark, TabularEvaluator, load_supernet
+from .evaluators import ProxyEvaluator, SupernetEvaluator, TabularBenchmark, TabularEvaluator, load_supernet
 from .metrics import TargetReward, pareto_front
 from .plots import plot_best_reward
 
@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a tabular benchmark: 'nb201' (the 12-epoch NAS-Bench-201 table shipped with supernet) "
                              "or a CSV path with an 'arch' column plus one column per metric")
     source.add_argument("--run", metavar="RUN_DIR", help="a trained supernet run folder from 'supernet search'")
+    source.add_argument("--proxy", metavar="NAME",
+                        help="a zero-cost proxy at initialisation (synflow, snip, grad_norm, jacov, naswot, params, "
+                             "flops; data proxies use the embedded digits): no training, no table")
     parser.add_argument("--data-file", type=Path, default=None,
                         help="with --run: the torch file of (images, labels) the run was searched on "
                              "('supernet search --data-file')")
@@ -85,6 +88,11 @@ def build_evaluator(args: argparse.Namespace):
             table.check_metric(args.cost)
         reward = metric if args.target is None else TargetReward(metric, args.cost, args.target, args.weight, args.hard)
         return TabularEvaluator(table, reward), args.space, 50
+    if args.proxy:
+        if args.target is not None or args.cost is not None or tables:
+            raise ValueError("--proxy scores cells by the proxy alone; --cost, --target and --latency-table "
+                             "go with --benchmark or --run")
+        return ProxyEvaluator(args.proxy, args.space, seed=args.seed), args.space, 1
     checks.integer("--bn-batches", args.bn_batches)
     data = _load_data_file(args.data_file) if args.data_file is not None else None
     network, train, heldout = load_supernet(args.run, args.heldout, data=data,

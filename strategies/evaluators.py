@@ -7,6 +7,7 @@ import csv
 import functools
 import io
 import math
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,32 @@ class TabularEvaluator:
     def __call__(self, genotype: Any) -> Evaluation:
         metrics = self.table.lookup(genotype)
         return Evaluation(reward_of(self.reward, metrics), dict(metrics))
+
+
+class ProxyEvaluator:
+    """Scores a genotype by a zero-cost proxy at initialisation (`supernet.proxies`): no training at all.
+
+    The reward is the proxy's score (higher = predicted better); a cell the proxy cannot score (no path
+    from input to output: -inf) gets `floor`, since a reward must be finite. Metrics hold the score and
+    its seconds.
+    """
+
+    def __init__(self, proxy: str, space: "str | CellSpace" = "nb201", batches: Sequence[Batch] | None = None,
+                 seed: int = 0, floor: float = -1e30, **options: Any) -> None:
+        from supernet import proxies
+
+        self.proxy, self.space, self.seed = proxies.check_proxy(proxy), get_space(space), seed
+        self.floor = checks.number("floor", floor)
+        self.batches = list(batches) if batches is not None else proxies.digits_batches(seed=seed)
+        self.options = options
+        self._score = proxies.score
+
+    def __call__(self, genotype: Any) -> Evaluation:
+        start = time.perf_counter()
+        value = self._score(self.proxy, genotype, self.space, self.batches, seed=self.seed, **self.options)
+        seconds = time.perf_counter() - start
+        reward = value if math.isfinite(value) else self.floor
+        return Evaluation(reward, {self.proxy: reward, "proxy_seconds": seconds})
 
 
 class SupernetEvaluator:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from supernet import EvalNetwork, count_parameters
+from supernet import EvalNetwork, count_parameters, get_space
 from supernet.proxies import build_network, digits_batches, list_proxies, needs_data, rank_by_proxy, score
 
 CONV = "|nor_conv_3x3~0|+|nor_conv_3x3~0|avg_pool_3x3~1|+|skip_connect~0|nor_conv_3x3~1|skip_connect~2|"
@@ -105,3 +105,38 @@ def test_proxies_score_darts_genotypes_too(batches):
 def test_rank_by_proxy_sorts_best_first(batches):
     ranked = rank_by_proxy("params", [NONE, CONV, SKIP], "nb201", batches, **SMALL)
     assert ranked[0] == CONV
+
+
+# --- the proxies as a `supernet sample` evaluator ------------------------------------------------------------
+def test_proxy_evaluator_rewards_the_proxy_score_and_floors_unscorable_cells():
+    from strategies.evaluators import ProxyEvaluator
+    from supernet import proxies
+
+    space = get_space("nb201")
+    batches = proxies.digits_batches(batch_size=16, seed=3)
+    evaluator = ProxyEvaluator("naswot", space, batches, seed=3, C=4, layers=1)
+    genotype = space.parse("|nor_conv_3x3~0|+|nor_conv_1x1~0|avg_pool_3x3~1|+|skip_connect~0|nor_conv_3x3~1|none~2|")
+    result = evaluator(genotype)
+    assert math.isfinite(result.reward)
+    assert result.reward == proxies.score("naswot", genotype, space, batches, seed=3, C=4, layers=1)
+    assert result.metrics["naswot"] == result.reward and result.metrics["proxy_seconds"] > 0
+    # no path from input to output: naswot is -inf, which a strategy cannot be told
+    assert evaluator(space.parse(NONE)).reward == -1e30
+    with pytest.raises(ValueError, match="unknown zero-cost proxy"):
+        ProxyEvaluator("accuracy")
+
+
+def test_sample_command_searches_by_a_proxy(tmp_path, capsys):
+    import json
+
+    from supernet.cli import main as cli_main
+
+    out = tmp_path / "out"
+    assert cli_main(["sample", "--proxy", "params", "--strategy", "random", "--budget", "4", "--out", str(out),
+                     "--quiet"]) == 0
+    history = json.loads((out / "random.json").read_text())["history"]
+    assert [t["reward"] for t in history] == [t["metrics"]["params"] for t in history]
+    assert all(t["reward"] > 0 for t in history)
+    assert cli_main(["sample", "--proxy", "params", "--cost", "params", "--out", str(tmp_path / "x")]) == 2
+    assert "--proxy scores cells by the proxy alone" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
