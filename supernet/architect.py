@@ -1,4 +1,4 @@
-"""Architecture steps: the alpha updates of DARTS (first and second order), GDAS and PC-DARTS.
+"""Architecture steps: the alpha updates of DARTS (first and second order), GDAS and PC-DARTS; regularisers.
 
 The weights and the architecture parameters are separate parameter lists of one SearchNetwork
 (`weight_parameters()` / `arch_parameters()`); an architecture step writes `.grad` of the latter
@@ -133,6 +133,38 @@ def unrolled_gradient(net: SearchNetwork, train: "Batch | Sequence[Batch]", val:
     scale = xi / (2 * eps)
     hyper = [d - scale * (p - m) for d, p, m in zip(d_arch, g_plus, g_minus, strict=True)]
     return hyper, val_loss
+
+
+def dirichlet_kl(alphas: Sequence[torch.Tensor], prior: float = 1.0) -> torch.Tensor:
+    """DrNAS's regulariser: sum over edges of KL(Dirichlet(elu(alpha) + 1) || Dirichlet(prior))."""
+    total = torch.zeros((), device=alphas[0].device)
+    for a in alphas:
+        q = torch.distributions.Dirichlet(F.elu(a.float()) + 1)
+        p = torch.distributions.Dirichlet(torch.full_like(a, prior, dtype=torch.float32))
+        total = total + torch.distributions.kl_divergence(q, p).sum()
+    return total
+
+
+def beta_decay(alphas: Sequence[torch.Tensor]) -> torch.Tensor:
+    """beta-DARTS's regulariser: the mean over edges (of every cell type) of logsumexp(alpha_edge)."""
+    return torch.cat([torch.logsumexp(a.float(), dim=-1) for a in alphas]).mean()
+
+
+REGULARISERS: dict[str, Callable[[Sequence[torch.Tensor]], torch.Tensor]] = {
+    "dirichlet-kl": dirichlet_kl, "beta-decay": beta_decay}
+
+
+def regulariser_gradient(net: SearchNetwork, name: str, weight: float,
+                         ctx: StepContext | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """grad w.r.t. every architecture parameter of weight * REGULARISERS[name](alphas), scaled as the loss is
+    (fp16), and the term's (unscaled, detached) value. The term depends on the alphas alone, so every rank
+    computes the same one: added to the validation loss's gradient, it is the gradient of the sum."""
+    ctx = ctx or StepContext()
+    arch = net.arch_parameters()
+    alphas = [net.alphas(ct) for ct in net.space.cell_types]
+    term = weight * REGULARISERS[name](alphas)
+    grads = torch.autograd.grad(ctx.scale(term), arch, materialize_grads=True, allow_unused=True)
+    return list(grads), term.detach()
 
 
 def apply_gradient(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:

@@ -47,6 +47,7 @@ class MixingRule:
     differentiable = False  # output a deterministic differentiable function of the alphas (torch.func)
     anneals_temperature = False  # the instance has a settable `.tau` that a schedule anneals
     channel_divisor = 1  # PC-DARTS runs candidates on 1/K of the channels
+    decays_aux_skip = False  # the instance has a settable `.beta` (DARTS- auxiliary skip) that a schedule decays
 
     def arch_shapes(self, space: CellSpace) -> dict[str, tuple[int, ...]]:
         """Shape of each architecture tensor kind the rule learns, per cell type."""
@@ -58,6 +59,11 @@ class MixingRule:
 
     def edge_strengths(self, space: CellSpace, arch: Arch) -> dict[str, torch.Tensor]:
         """Per cell type, the (edges, ops) strengths that derivation ranks."""
+        return {ct: F.softmax(arch["alphas"][ct], dim=-1) for ct in space.cell_types}
+
+    def mixing_distribution(self, space: CellSpace, arch: Arch) -> dict[str, torch.Tensor]:
+        """Per cell type, the (edges, ops) distribution over each edge's candidates (rows sum to 1):
+        what collapse diagnostics take the entropy of. Softmax(alpha) unless a rule says otherwise."""
         return {ct: F.softmax(arch["alphas"][ct], dim=-1) for ct in space.cell_types}
 
     def extra_repr(self) -> str:
@@ -215,6 +221,88 @@ class Partial(MixingRule):
 
     def extra_repr(self):
         return f"k={self.channel_divisor}"
+
+
+@MIXING.register("aux-skip")
+class AuxSkip(Softmax):
+    """DARTS-: softmax mixing plus an auxiliary skip connection beta * skip(x) on every edge.
+
+    beta is not an architecture parameter: the search loop decays it linearly from 1 to 0 over the epochs
+    (`decays_aux_skip`). It rides on the skip candidate's weight (softmax(alpha)_skip + beta), so the
+    edge computes sum_k softmax(alpha)_k op_k(x) + beta * skip(x); on a reduction edge skip is the space's
+    strided skip (factorized reduce in the DARTS space), as in DARTS-.
+    """
+
+    name = "aux-skip"
+    decays_aux_skip = True
+
+    def __init__(self, beta: float = 1.0) -> None:
+        self.beta = beta
+
+    @property
+    def beta(self) -> float:
+        return self._beta
+
+    @beta.setter
+    def beta(self, value: float) -> None:
+        self._beta = number("auxiliary skip weight beta", value, non_negative=True)
+
+    def plan(self, space, arch):
+        skip = space.ops.index("skip_connect")
+        plans = {}
+        for ct in space.cell_types:
+            weights = F.softmax(arch["alphas"][ct], dim=-1)
+            if self.beta:
+                weights = weights + self.beta * F.one_hot(torch.tensor(skip), len(space.ops)).to(weights)
+            plans[ct] = _dense_plan(space, weights)
+        return plans
+
+    def extra_repr(self):
+        return f"beta={self.beta}"
+
+
+@MIXING.register("dirichlet")
+class Dirichlet(MixingRule):
+    """DrNAS: per edge a Dirichlet distribution over the candidates, concentration beta = elu(alpha) + 1.
+
+    A search step's forward mixes with a reparameterised sample Dirichlet(beta).rsample() (drawn from
+    torch's global RNG, so seeds and checkpoints fix it); evaluation and derivation use the mean
+    beta / sum(beta). Which one a forward uses: `sample` True or False forces it; None (the default)
+    samples exactly when autograd records (the search steps) and takes the mean under torch.no_grad()
+    (validation accuracy and other evaluation).
+    """
+
+    name = "dirichlet"
+    differentiable = False  # a sample per forward
+
+    def __init__(self) -> None:
+        self.sample: bool | None = None
+
+    @staticmethod
+    def concentration(alphas: torch.Tensor) -> torch.Tensor:
+        return F.elu(alphas) + 1
+
+    def mean(self, alphas: torch.Tensor) -> torch.Tensor:
+        beta = self.concentration(alphas)
+        return beta / beta.sum(dim=-1, keepdim=True)
+
+    def weights(self, alphas: torch.Tensor) -> torch.Tensor:
+        sample = torch.is_grad_enabled() if self.sample is None else self.sample
+        if not sample:
+            return self.mean(alphas)
+        if not torch.isfinite(alphas).all():
+            raise ValueError("dirichlet mixing cannot sample from non-finite alphas (did the architecture step "
+                             "diverge?)")
+        return torch.distributions.Dirichlet(self.concentration(alphas.float())).rsample().to(alphas.dtype)
+
+    def plan(self, space, arch):
+        return {ct: _dense_plan(space, self.weights(arch["alphas"][ct])) for ct in space.cell_types}
+
+    def edge_strengths(self, space, arch):
+        return self.mixing_distribution(space, arch)
+
+    def mixing_distribution(self, space, arch):
+        return {ct: self.mean(arch["alphas"][ct]) for ct in space.cell_types}
 
 
 @MIXING.register("fixed")

@@ -1,4 +1,4 @@
-"""PNG plots for run folders: softmaxed alphas per edge over epochs, and derived cells drawn as graphs.
+"""PNG plots for run folders: softmaxed alphas per edge over epochs, collapse diagnostics, and derived cells.
 
 Figures are built with `matplotlib.figure.Figure` directly (no pyplot), so plotting never touches
 the user's interactive backend and works headless.
@@ -39,6 +39,28 @@ def plot_alpha_history(history: list[dict[str, list]], space: CellSpace, path: "
     fig.supxlabel("epoch")
     fig.supylabel("softmax(alpha)")
     fig.legend(lines, list(space.ops), loc="outside upper center", ncol=len(space.ops), fontsize=8)
+    return atomic_save_figure(fig, path, dpi=90)
+
+
+COLLAPSE_PANELS = (("parameter_free_share", "parameter-free share\nof the derived cells"),
+                   ("alpha_entropy", "mean alpha entropy\nper edge (nats)"),
+                   ("hessian_eigenvalue", "dominant eigenvalue\nof the alpha Hessian"))
+
+
+def plot_collapse(records: list[dict], path: "str | Path") -> Path:
+    """Collapse diagnostics against the epoch, one panel per diagnostic the epoch records hold."""
+    panels = [(key, label) for key, label in COLLAPSE_PANELS if any(key in r for r in records)]
+    if not panels:
+        raise ValueError("the epoch records hold no collapse diagnostics")
+    path = Path(path)
+    fig = Figure(figsize=(3.4 * len(panels), 2.8), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        points = [(r["epoch"], r[key]) for r in records if key in r]
+        ax.plot([e for e, _ in points], [v for _, v in points], marker="o", lw=1.2)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.tick_params(labelsize=7)
     return atomic_save_figure(fig, path, dpi=90)
 
 

@@ -25,6 +25,7 @@ class Method:
     w_weight_decay: float
     warmup_fraction: float  # share of epochs before alphas start to move (PC-DARTS: 15 of 50)
     summary: str
+    regulariser: str | None = None  # a term added to the alpha step's validation loss (architect.REGULARISERS)
 
     @property
     def learns_alphas(self) -> bool:
@@ -36,6 +37,11 @@ class Method:
         """Whether the mixing rule has a temperature the search anneals (GDAS)."""
         return MIXING.get(self.mixing).anneals_temperature
 
+    @property
+    def decays_aux_skip(self) -> bool:
+        """Whether the mixing rule has an auxiliary skip weight the search decays (DARTS-)."""
+        return MIXING.get(self.mixing).decays_aux_skip
+
 
 METHODS = {
     "darts": Method("softmax", 1, True, 3e-4, 3e-4, 0.0, "DARTS, first order (softmax over all candidates)"),
@@ -44,6 +50,16 @@ METHODS = {
     "gdas": Method("gumbel", 1, False, 3e-4, 5e-4, 0.0, "GDAS (one hard Gumbel-softmax path per edge, tau 10 -> 0.1)"),
     "pc-darts": Method("partial", 1, True, 6e-4, 3e-4, 0.3,
                        "PC-DARTS (1/k of the channels, edge normalisation, alpha warm-up)"),
+    "drnas": Method("dirichlet", 1, True, 3e-4, 3e-4, 0.0,
+                    "DrNAS (Dirichlet architecture distribution: a reparameterised sample per step, the mean "
+                    "for derivation; KL regulariser toward Dirichlet(1) weighted by reg_scale)",
+                    regulariser="dirichlet-kl"),
+    "beta-darts": Method("softmax", 1, True, 3e-4, 3e-4, 0.0,
+                         "beta-DARTS (DARTS first order plus the beta-decay regulariser lambda * mean logsumexp "
+                         "(alpha), lambda = beta_lambda * epoch / epochs)", regulariser="beta-decay"),
+    "darts-minus": Method("aux-skip", 1, True, 3e-4, 3e-4, 0.0,
+                          "DARTS- (DARTS first order plus an auxiliary skip beta * x on every edge, beta "
+                          "decayed linearly from 1 to 0)"),
     "spos": Method("sample", 0, True, 0.0, 3e-4, 0.0,
                    "single path, uniform sampling (SPOS / ENAS style); the best of spos_candidates is derived"),
 }
@@ -92,6 +108,9 @@ class SearchConfig:
     tau_max: float = 10.0  # gdas temperature, annealed linearly to tau_min over the epochs
     tau_min: float = 0.1
     spos_candidates: int = 20  # spos: random subnets ranked on the validation split to pick the result
+    reg_scale: float = 1e-3  # drnas: weight of the KL regulariser toward Dirichlet(1) (DrNAS: 1e-3)
+    beta_lambda: float = 50.0  # beta-darts: regulariser weight beta_lambda * epoch / epochs (its code: 50)
+    hessian_every: int = 0  # every N epochs, the dominant eigenvalue of the alpha Hessian (0: never)
     checkpoint_every: int = 0  # steps between checkpoints inside an epoch (0: at the end of each epoch only)
     retrain_epochs: int = 6  # retraining of the derived and a random architecture (0: skip)
     retrain_C: int = 8
@@ -119,7 +138,7 @@ class SearchConfig:
         for name in ("C", "layers", "epochs", "batch_size", "micro_batches", "retrain_C", "retrain_layers", "retrain_batch_size",
                      "partial_k", "spos_candidates"):
             checks.integer(name, getattr(self, name))
-        for name in ("retrain_epochs", "checkpoint_every", "seed"):
+        for name in ("retrain_epochs", "checkpoint_every", "seed", "hessian_every"):
             checks.integer(name, getattr(self, name), minimum=0)
         checks.optional_integer("steps_per_epoch", self.steps_per_epoch)
         if self.batch_size % self.micro_batches:
@@ -129,7 +148,7 @@ class SearchConfig:
         checks.fraction("test_fraction", self.test_fraction)
         for name in ("w_lr", "w_lr_min", "grad_clip", "tau_max", "tau_min", "retrain_lr", "retrain_grad_clip"):
             checks.number(name, getattr(self, name), positive=True)
-        for name in ("w_weight_decay", "a_weight_decay", "retrain_weight_decay"):
+        for name in ("w_weight_decay", "a_weight_decay", "retrain_weight_decay", "reg_scale", "beta_lambda"):
             checks.number(name, getattr(self, name), non_negative=True)
         for name in ("w_momentum", "retrain_momentum"):
             checks.number(name, getattr(self, name), non_negative=True, maximum=1.0, open_maximum=True)

@@ -1,4 +1,4 @@
-"""The one-shot search loop (DARTS 1st/2nd order, GDAS, PC-DARTS, single-path SPOS/ENAS) with checkpoints.
+"""The one-shot search loop (DARTS 1st/2nd order, GDAS, PC-DARTS, DrNAS, beta-DARTS, DARTS-, SPOS/ENAS) with checkpoints.
 
 A `Searcher` owns one SearchNetwork, an SGD optimizer with a cosine schedule for the weights and
 (for methods that learn them) an Adam optimizer for the architecture parameters, as the papers set
@@ -60,9 +60,73 @@ def accuracy(model: nn.Module, pair: data.Pair, batch_size: int = 256, device: "
 
 
 def softmaxed_alphas(net: SearchNetwork) -> dict[str, list]:
-    """The softmax of each cell type's alphas, as nested lists."""
+    """Each cell type's mixing distribution as nested lists: softmax(alpha), or for DrNAS the Dirichlet mean."""
     with torch.no_grad():
-        return {ct: F.softmax(net.alphas(ct).float(), dim=-1).tolist() for ct in net.space.cell_types}
+        arch = {kind: {ct: t.float() for ct, t in tensors.items()} for kind, tensors in net.architecture().items()}
+        return {ct: w.tolist() for ct, w in net.mixing.mixing_distribution(net.space, arch).items()}
+
+
+# --- collapse diagnostics ---------------------------------------------------------------------------
+def is_parameter_free(op: str) -> bool:
+    """Pools and skip connections (`none` is never derived onto an edge)."""
+    return op == "skip_connect" or "pool" in op
+
+
+def parameter_free_share(space, genotype: Any) -> float:
+    """Share of the derived cells' used edges (all cell types) whose op is parameter-free."""
+    ops = [space.ops[k] for path in space.to_paths(genotype).values() for k in path
+           if k is not None and space.ops[k] != "none"]
+    return sum(map(is_parameter_free, ops)) / max(len(ops), 1)
+
+
+def mean_alpha_entropy(net: SearchNetwork) -> float:
+    """Mean over the edges of every cell type of the entropy (nats) of the rule's mixing distribution."""
+    with torch.no_grad():
+        arch = {kind: {ct: t.float() for ct, t in tensors.items()} for kind, tensors in net.architecture().items()}
+        dists = net.mixing.mixing_distribution(net.space, arch)
+        rows = torch.cat([-torch.special.xlogy(p, p).sum(dim=-1) for p in dists.values()])
+    return float(rows.mean())
+
+
+def hessian_eigenvalue(net: SearchNetwork, batch: data.Pair, iterations: int = 20, seed: int = 0) -> float:
+    """The dominant (largest in magnitude) eigenvalue of the Hessian of the loss on `batch` w.r.t. the
+    architecture parameters, by power iteration on Hessian-vector products (double backward).
+
+    The forward runs in the network's current mode on the reference (unfused) path, with DrNAS's mean
+    instead of a sample; batch-norm buffers, torch's RNG states and every parameter's `.grad` are left as
+    they were, so a search that measures it continues exactly as one that does not.
+    """
+    arch = net.arch_parameters()
+    device = arch[0].device
+    state = architect.rng_state(device)
+    fused, sample = net.fused, getattr(net.mixing, "sample", None)
+    net.fused = False
+    if hasattr(net.mixing, "sample"):
+        net.mixing.sample = False
+    try:
+        with preserved_batchnorm(net), torch.enable_grad():
+            loss = architect.loss_on(net, batch)
+            grads = torch.autograd.grad(loss, arch, create_graph=True, allow_unused=True)
+            # A cell type the network never runs (e.g. only reduction cells) has no gradient: it drops out.
+            arch, grads = zip(*[(a, g) for a, g in zip(arch, grads, strict=True) if g is not None], strict=True)
+            gen = torch.Generator().manual_seed(seed)
+            v = [torch.randn(a.shape, generator=gen, dtype=a.dtype).to(device) for a in arch]
+            norm = torch.sqrt(sum((t * t).sum() for t in v))
+            v = [t / norm for t in v]
+            value = 0.0
+            for _ in range(iterations):
+                hv = torch.autograd.grad(grads, arch, grad_outputs=v, retain_graph=True)
+                value = float(sum((h * t).sum() for h, t in zip(hv, v, strict=True)))
+                norm = torch.sqrt(sum((h * h).sum() for h in hv))
+                if float(norm) == 0.0:
+                    return 0.0
+                v = [h.detach() / norm for h in hv]
+    finally:
+        net.fused = fused
+        if hasattr(net.mixing, "sample"):
+            net.mixing.sample = sample
+        architect.set_rng_state(state, device)
+    return value
 
 
 def _tensors(state: Any) -> Iterable[torch.Tensor]:
@@ -235,6 +299,12 @@ class Searcher:
         else:
             grads, loss = architect.first_order_gradient(self.net, val, ctx=self.ctx)
         self._check_loss(loss, "validation (architecture)")
+        regulariser = self.config.method_spec.regulariser
+        if regulariser is not None:
+            reg_grads, term = architect.regulariser_gradient(self.net, regulariser, self.regulariser_weight(self.epoch),
+                                                             ctx=self.ctx)
+            self._check_loss(term, f"{regulariser} regulariser")
+            grads = [g + r for g, r in zip(grads, reg_grads, strict=True)]
         for p, g in zip(arch, grads, strict=True):
             p.grad = g
         if self.precision.scaler is not None:
@@ -295,6 +365,35 @@ class Searcher:
         self.running["correct"] += correct
         self.running["seen"] += n
 
+    def regulariser_weight(self, epoch: int) -> float:
+        """The weight of the method's regulariser: DrNAS reg_scale; beta-DARTS beta_lambda * epoch / epochs
+        (linear from 0 toward beta_lambda, as beta-DARTS's code: 50 * epoch / 100 over its 100 epochs)."""
+        c = self.config
+        if c.method_spec.regulariser == "beta-decay":
+            return c.beta_lambda * epoch / c.epochs
+        return c.reg_scale
+
+    def aux_skip(self, epoch: int) -> float:
+        """DARTS-: the auxiliary skip weight, linear from 1 at the first epoch to 0 at the last."""
+        return 1.0 - epoch / max(self.config.epochs - 1, 1)
+
+    def diagnostics(self, genotype: Any) -> dict:
+        """Collapse diagnostics for the epoch record: parameter-free share of the derived cells, mean alpha
+        entropy per edge and, every `hessian_every` epochs, the dominant alpha-Hessian eigenvalue."""
+        c = self.config
+        out: dict[str, Any] = {"parameter_free_share": parameter_free_share(self.net.space, genotype)}
+        if self.learns_alphas:
+            out["alpha_entropy"] = mean_alpha_entropy(self.net)
+            if c.hessian_every and (self.epoch + 1) % c.hessian_every == 0:
+                x, y = self.split.val
+                batch = devices.to_device((x[:c.batch_size], y[:c.batch_size]), self.device)
+                out["hessian_eigenvalue"] = hessian_eigenvalue(self.net, batch, seed=c.seed)  # in fp32
+        if c.method_spec.regulariser is not None:
+            out["regulariser_weight"] = self.regulariser_weight(self.epoch)
+        if c.method_spec.decays_aux_skip:
+            out["aux_skip"] = self.net.mixing.beta
+        return out
+
     def tau(self, epoch: int) -> float:
         """GDAS: linear from tau_max at the first epoch to tau_min at the last."""
         c = self.config
@@ -310,9 +409,12 @@ class Searcher:
                   "train_accuracy": self.running["correct"] / seen,
                   "val_accuracy": accuracy(self.net, self.split.val, device=self.device,
                                            autocast=self.precision.autocast),
-                  "w_lr": self.w_opt.param_groups[0]["lr"], "genotype": self.net.space.format(self.net.derive())}
+                  "w_lr": self.w_opt.param_groups[0]["lr"]}
+        genotype = self.net.derive()
+        record["genotype"] = self.net.space.format(genotype)
         if self.config.method_spec.anneals_temperature:
             record["tau"] = self.net.mixing.tau
+        record.update(self.diagnostics(genotype))
         self.history["epochs"].append(record)
         self.history["alphas"].append(softmaxed_alphas(self.net))
         self.events.scalars(record["epoch"], {k: v for k, v in record.items() if k not in ("epoch", "genotype")},
@@ -321,7 +423,11 @@ class Searcher:
             self.events.alphas(record["epoch"], self.history["alphas"][-1], self.net.space.ops, self.net.space.edges)
         self.events.text("search/genotype", record["genotype"], record["epoch"])
         self.log(f"epoch {record['epoch']}/{self.config.epochs}: train loss {record['train_loss']:.4f}, "
-                 f"train acc {record['train_accuracy']:.4f}, val acc {record['val_accuracy']:.4f}")
+                 f"train acc {record['train_accuracy']:.4f}, val acc {record['val_accuracy']:.4f}, "
+                 f"parameter-free share {record['parameter_free_share']:.3f}"
+                 + (f", alpha entropy {record['alpha_entropy']:.4f}" if "alpha_entropy" in record else "")
+                 + (f", alpha-Hessian eigenvalue {record['hessian_eigenvalue']:.4g}"
+                    if "hessian_eigenvalue" in record else ""))
         self.epoch, self.step = self.epoch + 1, 0
         self.running = {"loss": 0.0, "correct": 0, "seen": 0}
 
@@ -336,6 +442,8 @@ class Searcher:
         for epoch in range(self.epoch, c.epochs if not self.search_done else 0):
             if c.method_spec.anneals_temperature:
                 self.net.mixing.tau = self.tau(epoch)
+            if c.method_spec.decays_aux_skip:
+                self.net.mixing.beta = self.aux_skip(epoch)
             train = data.epoch_batches(self.split.train, c.batch_size, c.seed, epoch, start=self.step)
             val = data.epoch_batches(self.split.val, c.batch_size, c.seed + 1, epoch, start=self.step)
             bar = tqdm(total=self.steps, initial=self.step, desc=f"epoch {epoch + 1}", unit="step", leave=False,

@@ -198,6 +198,8 @@ def _search(resume, data, out, run_dir, quiet, callback, on_run_dir, device, com
                             "softmax_alphas": searcher.history["alphas"]}, paths["alpha_history"])
     if searcher.learns_alphas:
         paths["alpha_plot"] = plots.plot_alpha_history(searcher.history["alphas"], space, run_dir / "alphas.png")
+    if searcher.history["epochs"]:
+        paths["collapse_plot"] = plots.plot_collapse(searcher.history["epochs"], run_dir / "collapse.png")
     for ct in space.cell_types:
         paths[f"cell_{ct}"] = plots.plot_cell(genotype, space, ct, run_dir / f"cell_{ct}.png")
     results["paths"] = {k: str(v) for k, v in paths.items()}

@@ -52,6 +52,11 @@ HELP = {
     "tau_max": "gdas: Gumbel-softmax temperature at the first epoch",
     "tau_min": "gdas: temperature at the last epoch (linear annealing)",
     "spos_candidates": "spos: random subnets ranked on the validation split to choose the result",
+    "reg_scale": "drnas: weight of the KL regulariser toward a Dirichlet(1) prior (DrNAS: 1e-3)",
+    "beta_lambda": "beta-darts: the beta-decay regulariser's weight is beta_lambda * epoch / epochs "
+                   "(beta-DARTS's NB201 code: 50)",
+    "hessian_every": "every N epochs, record the dominant eigenvalue of the validation-loss Hessian w.r.t. the "
+                     "alphas (power iteration on one validation batch; 0: never)",
     "checkpoint_every": "also checkpoint every N steps inside an epoch (0: at epoch ends only)",
     "retrain_epochs": "epochs to retrain the derived and a random architecture from scratch (0: skip)",
     "retrain_C": "initial channels of the retrained networks",

@@ -1,0 +1,219 @@
+"""DrNAS, beta-DARTS and DARTS- on tiny networks, their regularisers, and the collapse diagnostics."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_search import TINY, Interrupt, stop_at
+
+import supernet
+from supernet import architect, data, runs
+from supernet.mixing import AuxSkip, Dirichlet
+from supernet.search_config import METHODS, SearchConfig
+from supernet.search_loop import Searcher, hessian_eigenvalue, mean_alpha_entropy, parameter_free_share
+from supernet.search_network import SearchNetwork
+
+ROBUST = ["drnas", "beta-darts", "darts-minus"]
+SPACES = {"nb201": dict(space="nb201", C=4, layers=1), "darts": dict(space="darts", C=4, layers=2)}
+BASE = dict(epochs=1, batch_size=16, steps_per_epoch=2, max_train=TINY["max_train"], retrain_epochs=0)
+
+
+@pytest.fixture(scope="module")
+def split():
+    return data.load_split("digits", seed=0, max_train=TINY["max_train"])
+
+
+@pytest.mark.parametrize("space", list(SPACES))
+@pytest.mark.parametrize("method", ROBUST)
+def test_robust_methods_search_and_derive(method, space, split):
+    searcher = Searcher(SearchConfig(method=method, **SPACES[space], **BASE), split)
+    before = [a.detach().clone() for a in searcher.net.arch_parameters()]
+    genotype = searcher.run()
+    net = searcher.net
+    assert net.space.validate(genotype) == genotype and searcher.search_done
+    assert any(not torch.equal(a, b) for a, b in zip(net.arch_parameters(), before, strict=True))
+    record = searcher.history["epochs"][-1]
+    assert 0.0 <= record["parameter_free_share"] <= 1.0
+    assert 0.0 <= record["alpha_entropy"] <= math.log(len(net.space.ops)) + 1e-6
+    assert "hessian_eigenvalue" not in record  # off by default
+
+
+@pytest.mark.parametrize("method", ROBUST)
+def test_robust_methods_resume_bit_identically(method, split, tmp_path):
+    config = SearchConfig(method=method, **SPACES["nb201"], **dict(BASE, epochs=2, checkpoint_every=1,
+                                                                    hessian_every=1))
+    whole = Searcher(config, split, tmp_path / "whole.pt")
+    whole.run()
+    interrupted = Searcher(config, split, tmp_path / "cut.pt", callback=stop_at(3))
+    with pytest.raises(Interrupt):
+        interrupted.run()
+    resumed = Searcher(config, split, tmp_path / "cut.pt")
+    resumed.load_state(runs.load_checkpoint(tmp_path / "cut.pt", config.to_dict()))
+    assert (resumed.epoch, resumed.step) == (1, 1)
+    resumed.run()
+    for (name, a), b in zip(resumed.net.state_dict().items(), whole.net.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert resumed.genotype == whole.genotype
+    assert resumed.history == whole.history
+    assert all("hessian_eigenvalue" in r for r in whole.history["epochs"])
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(method="drnas", reg_scale=-1e-3), "reg_scale must be a non-negative finite number"),
+    (dict(method="drnas", reg_scale=float("nan")), "reg_scale must be a non-negative finite number"),
+    (dict(method="beta-darts", beta_lambda=float("inf")), "beta_lambda must be a non-negative finite number"),
+    (dict(method="beta-darts", beta_lambda="1"), "beta_lambda must be a non-negative finite number"),
+    (dict(hessian_every=-1), "hessian_every must be a non-negative integer"),
+    (dict(hessian_every=1.5), "hessian_every must be a non-negative integer"),
+    (dict(method="drnas", a_lr=0.0), "a_lr must be a positive finite number"),
+    (dict(method="darts_minus"), "unknown method 'darts_minus'"),
+])
+def test_bad_options_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        SearchConfig(**options)
+
+
+def test_method_table_entries():
+    assert METHODS["drnas"].mixing == "dirichlet" and METHODS["drnas"].regulariser == "dirichlet-kl"
+    assert METHODS["beta-darts"].mixing == "softmax" and METHODS["beta-darts"].regulariser == "beta-decay"
+    assert METHODS["darts-minus"].mixing == "aux-skip" and METHODS["darts-minus"].decays_aux_skip
+    assert all(METHODS[m].learns_alphas and METHODS[m].arch_order == 1 for m in ROBUST)
+    assert SearchConfig(method="drnas").reg_scale == 1e-3
+    assert not Dirichlet.differentiable and Dirichlet.learns_alphas
+
+
+ALPHAS = torch.tensor([[0.5, -1.0, 2.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+
+
+def test_beta_decay_matches_a_hand_computation():
+    other = torch.tensor([[1.0, 3.0, -2.0]], dtype=torch.float64)
+    rows = [math.log(sum(math.exp(v) for v in row)) for row in ALPHAS.tolist() + other.tolist()]
+    assert float(architect.beta_decay([ALPHAS, other])) == pytest.approx(sum(rows) / 3, rel=1e-6)
+
+
+def _kl_to_uniform(concentration):
+    a0, k = sum(concentration), len(concentration)
+    digamma = lambda v: float(torch.special.digamma(torch.tensor(v, dtype=torch.float64)))  # noqa: E731
+    return (math.lgamma(a0) - sum(math.lgamma(a) for a in concentration) - math.lgamma(k)
+            + sum((a - 1) * (digamma(a) - digamma(a0)) for a in concentration))
+
+
+def test_dirichlet_kl_matches_a_hand_computation():
+    expected = 0.0
+    for row in ALPHAS.tolist():
+        concentration = [(v if v > 0 else math.exp(v) - 1) + 1 for v in row]  # elu + 1
+        expected += _kl_to_uniform(concentration)
+    assert float(architect.dirichlet_kl([ALPHAS])) == pytest.approx(expected, rel=1e-5)
+    assert float(architect.dirichlet_kl([torch.zeros(4, 5)])) == pytest.approx(0.0, abs=1e-6)  # beta = 1: the prior
+
+
+def test_regulariser_gradient_is_the_weighted_terms_gradient():
+    net = SearchNetwork("nb201", C=4, layers=1, num_classes=10, in_channels=1, mixing="softmax")
+    with torch.no_grad():
+        net.alphas("cell").copy_(torch.randn(6, 5))
+    grads, term = architect.regulariser_gradient(net, "beta-decay", 0.5)
+    a = net.alphas("cell").detach().clone().requires_grad_()
+    expected = 0.5 * torch.logsumexp(a, -1).mean()
+    (g,) = torch.autograd.grad(expected, a)
+    assert float(term) == pytest.approx(float(expected.detach())) and torch.allclose(grads[0], g)
+
+
+def test_dirichlet_rule_mixes_with_the_mean_in_eval_and_samples_in_training():
+    rule = Dirichlet()
+    space = supernet.get_space("nb201")
+    alphas = torch.randn(6, 5, requires_grad=True)
+    beta = F.elu(alphas.detach()) + 1
+    mean = beta / beta.sum(-1, keepdim=True)
+    ops = [k for k, op in enumerate(space.ops) if op != "none"]
+    with torch.no_grad():
+        plan = rule.plan(space, {"alphas": {"cell": alphas}})["cell"]
+    node = plan[-1]
+    assert torch.equal(node.weights, torch.stack([mean[e, k] for e, k in node.pairs]))
+    assert torch.equal(rule.edge_strengths(space, {"alphas": {"cell": alphas}})["cell"], mean)
+    sampled = rule.weights(alphas)  # autograd on: a Dirichlet sample, differentiable
+    assert sampled.requires_grad and not torch.allclose(sampled, mean)
+    assert torch.allclose(sampled.sum(-1), torch.ones(6)) and (sampled[:, ops] > 0).all()
+    rule.sample = False
+    assert torch.allclose(rule.weights(alphas), mean)  # forced mean, even with autograd on
+
+
+def test_darts_minus_adds_beta_to_the_skip_weight_and_decays_it(split):
+    space = supernet.get_space("nb201")
+    alphas = torch.randn(6, 5)
+    rule = AuxSkip(beta=0.25)
+    node = rule.plan(space, {"alphas": {"cell": alphas}})["cell"][0]
+    skip = space.ops.index("skip_connect")
+    w = F.softmax(alphas, -1)
+    assert torch.allclose(node.weights, torch.stack([w[e, k] + (0.25 if k == skip else 0.0) for e, k in node.pairs]))
+    searcher = Searcher(SearchConfig(method="darts-minus", **SPACES["nb201"], **dict(BASE, epochs=3)), split)
+    searcher.run()
+    assert [r["aux_skip"] for r in searcher.history["epochs"]] == [1.0, 0.5, 0.0]
+    beta_darts = Searcher(SearchConfig(method="beta-darts", **SPACES["nb201"], **dict(BASE, epochs=3),
+                                       beta_lambda=2.0), split)
+    assert [beta_darts.regulariser_weight(e) for e in range(3)] == [0.0, 2 / 3, 4 / 3]
+    assert SearchConfig(method="beta-darts").beta_lambda == 50.0
+
+
+def test_parameter_free_share_and_entropy_match_hand_computations():
+    space = supernet.get_space("nb201")
+    genotype = space.parse("|skip_connect~0|+|avg_pool_3x3~0|nor_conv_3x3~1|+|none~0|nor_conv_1x1~1|skip_connect~2|")
+    assert parameter_free_share(space, genotype) == pytest.approx(3 / 5)
+    darts = supernet.get_space("darts")
+    g = darts.parse("Genotype(normal=[('max_pool_3x3', 0), ('sep_conv_3x3', 1), ('skip_connect', 0), "
+                    "('sep_conv_3x3', 1), ('sep_conv_3x3', 0), ('sep_conv_3x3', 1), ('sep_conv_3x3', 0), "
+                    "('dil_conv_3x3', 1)], normal_concat=[2, 3, 4, 5], reduce=[('max_pool_3x3', 0), "
+                    "('max_pool_3x3', 1), ('skip_connect', 2), ('max_pool_3x3', 1), ('max_pool_3x3', 0), "
+                    "('skip_connect', 2), ('skip_connect', 2), ('max_pool_3x3', 1)], reduce_concat=[2, 3, 4, 5])")
+    assert parameter_free_share(darts, g) == pytest.approx((2 + 8) / 16)
+
+    for method in ("darts", "drnas"):
+        net = SearchNetwork("nb201", C=4, layers=1, num_classes=10, in_channels=1,
+                            mixing=METHODS[method].mixing)
+        alphas = torch.randn(6, 5)
+        with torch.no_grad():
+            net.alphas("cell").copy_(alphas)
+        if method == "darts":
+            p = F.softmax(alphas, -1)
+        else:
+            b = F.elu(alphas) + 1
+            p = b / b.sum(-1, keepdim=True)
+        expected = sum(-sum(v * math.log(v) for v in row) for row in p.tolist()) / 6
+        assert mean_alpha_entropy(net) == pytest.approx(expected, rel=1e-5)
+
+
+def test_hessian_eigenvalue_matches_the_full_hessian(split):
+    torch.manual_seed(0)
+    net = SearchNetwork("nb201", C=4, layers=1, num_classes=10, in_channels=1, fused=False).double()
+    with torch.no_grad():
+        net.alphas("cell").copy_(torch.randn(6, 5))
+    x, y = split.val[0][:8].double(), split.val[1][:8]
+    alphas = net.alphas("cell")
+
+    def loss(a):
+        return F.cross_entropy(torch.func.functional_call(net, {"alphas_cell": a}, (x,)), y)
+
+    before = [b.clone() for b in net.buffers()]
+    H = torch.autograd.functional.hessian(loss, alphas.detach()).reshape(30, 30)
+    for buf, b in zip(net.buffers(), before, strict=True):  # the Hessian's forwards ran in train mode
+        buf.copy_(b)
+    eig = torch.linalg.eigvalsh((H + H.T) / 2)
+    dominant = float(eig[eig.abs().argmax()])
+    state = torch.get_rng_state()
+    value = hessian_eigenvalue(net, (x, y), iterations=200)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(buf, b) for buf, b in zip(net.buffers(), before, strict=True))
+    assert value == pytest.approx(dominant, rel=1e-3, abs=1e-8)
+
+
+def test_run_folder_holds_the_diagnostics_and_the_collapse_plot(tmp_path):
+    result = supernet.search(run_dir=tmp_path / "run", method="drnas", hessian_every=1,
+                             **SPACES["nb201"], **BASE)
+    results = json.loads((result.run_dir / "results.json").read_text())
+    record = results["history"][-1]
+    assert {"parameter_free_share", "alpha_entropy", "hessian_eigenvalue", "regulariser_weight"} <= set(record)
+    assert (result.run_dir / "collapse.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert results["paths"]["collapse_plot"].endswith("collapse.png")
+    log = (result.run_dir / "log.txt").read_text()
+    assert "parameter-free share" in log and "alpha entropy" in log and "alpha-Hessian eigenvalue" in log
