@@ -16,17 +16,30 @@ def batch_norm_with_stats(y: torch.Tensor, mean: torch.Tensor, var: torch.Tensor
     if not uses_batch_stats_only(bn):
         raise ValueError(f"batch_norm_with_stats expects a non-affine batch norm using batch statistics, got {bn}")
     if bn.training and bn.track_running_stats:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        factor = count_batch(bn)
         count = y.numel() // y.shape[1]
-        with torch.no_grad():
-            bn.running_mean.mul_(1 - factor).add_(mean.detach().to(bn.running_mean.dtype), alpha=factor)
-            unbiased = var.detach().to(bn.running_var.dtype) * (count / (count - 1))
-            bn.running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
+        unbiased = var.detach().to(bn.running_var.dtype) * (count / (count - 1))
+        update_running_stats(bn, mean, unbiased, factor)
     shift = per_channel(mean)
     scale = per_channel(torch.rsqrt(var + bn.eps))
     acc = torch.promote_types(y.dtype, torch.float32)  # half precision normalises in fp32
     return ((y.to(acc) - shift) * scale).to(y.dtype)
+
+
+def count_batch(bn: nn.BatchNorm2d) -> float:
+    """Counts the batch and returns the running-average factor, as nn.BatchNorm2d.forward does."""
+    if bn.training and bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+        return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    return 0.0 if bn.momentum is None else bn.momentum
+
+
+@torch.no_grad()
+def update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, unbiased_var: torch.Tensor, factor: float) -> None:
+    """Moves bn's running statistics toward a batch's mean and unbiased variance by `factor` (if it keeps any)."""
+    if bn.running_mean is not None:
+        bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
+        bn.running_var.mul_(1 - factor).add_(unbiased_var.to(bn.running_var.dtype), alpha=factor)
 
 
 def uses_batch_stats_only(bn: nn.Module) -> bool:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dispatch
-from .batch_norm import uses_batch_stats_only
+from .batch_norm import count_batch, update_running_stats, uses_batch_stats_only
 from .ops import FactorizedReduce, Identity, ReLUSequential, StartsWithReLU, pool_parts
 
 CL = torch.channels_last
@@ -77,17 +77,6 @@ def to_channels_last(x: torch.Tensor) -> torch.Tensor:
 
 
 # --- batch norm ---------------------------------------------------------------------------------
-# nn.BatchNorm2d's running-average bookkeeping, for the batch norms this module runs as one F.batch_norm
-# call (weighted) or shares between edges. supernet/batch_norm.py has the same few lines inside
-# batch_norm_with_stats; it exposes no update-only function to reuse.
-def _count_batch(bn: nn.BatchNorm2d) -> float:
-    """Counts the batch and returns the running-average factor, as nn.BatchNorm2d.forward does."""
-    if bn.training and bn.track_running_stats:
-        bn.num_batches_tracked.add_(1)
-        return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    return 0.0 if bn.momentum is None else bn.momentum
-
-
 def _plain(bn: nn.Module | None) -> bool:
     """A non-affine batch norm normalising with batch statistics, with running statistics if any."""
     return (bn is not None and uses_batch_stats_only(bn)
@@ -98,7 +87,7 @@ def weighted_batch_norm(y: torch.Tensor, bn: nn.BatchNorm2d, w: torch.Tensor) ->
     """w * bn(y) for a non-affine batch-statistics batch norm, as one affine batch norm with scale w.
 
     Saves nothing beyond what batch norm saves (its input and statistics)."""
-    factor = _count_batch(bn)
+    factor = count_batch(bn)
     scale = w.expand(y.shape[1]).contiguous()  # not the expand itself: see the module's note
     return F.batch_norm(y, bn.running_mean, bn.running_var, scale, None, True, factor, bn.eps)
 
@@ -107,15 +96,12 @@ def shared_batch_norm(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d]) -> torch.T
     """bn(y) for several non-affine batch-statistics batch norms fed the same y: one normalisation, and
     every module's running statistics updated with the same batch statistics."""
     first = bns[0]
-    out = F.batch_norm(y, first.running_mean, first.running_var, None, None, True, _count_batch(first), first.eps)
+    out = F.batch_norm(y, first.running_mean, first.running_var, None, None, True, count_batch(first), first.eps)
     if len(bns) > 1:
         with torch.no_grad():
             unbiased, mean = torch.var_mean(y, dim=(0, 2, 3), correction=1)
-            for bn in bns[1:]:
-                f = _count_batch(bn)
-                if bn.running_mean is not None:
-                    bn.running_mean.mul_(1 - f).add_(mean.to(bn.running_mean.dtype), alpha=f)
-                    bn.running_var.mul_(1 - f).add_(unbiased.to(bn.running_var.dtype), alpha=f)
+        for bn in bns[1:]:
+            update_running_stats(bn, mean, unbiased, count_batch(bn))
     return out
 
 
