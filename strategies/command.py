@@ -14,7 +14,7 @@ from pathlib import Path
 
 from supernet import checks, devices, distributed, runs
 from supernet.cli import add_device_arguments, set_threads
-from supernet.commands.search import _load_data_file
+from supernet.data import load_data_file
 from supernet.tensorboard import check_available as check_tensorboard
 from supernet.tensorboard import open_events
 
@@ -94,7 +94,7 @@ def build_evaluator(args: argparse.Namespace):
                              "go with --benchmark or --run")
         return ProxyEvaluator(args.proxy, args.space, seed=args.seed), args.space, 1
     checks.integer("--bn-batches", args.bn_batches)
-    data = _load_data_file(args.data_file) if args.data_file is not None else None
+    data = load_data_file(args.data_file) if args.data_file is not None else None
     network, train, heldout = load_supernet(args.run, args.heldout, data=data,
                                             device=devices.resolve_device(getattr(args, "device", "cpu")))
     metric = args.metric or "accuracy"

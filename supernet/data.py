@@ -118,6 +118,33 @@ def check_tensors(x: torch.Tensor, y: torch.Tensor, what: str = "data") -> None:
         raise ValueError(f"{what}: {bad} image values are NaN or infinite")
 
 
+def load_data_file(path: "str | Path") -> Pair:
+    """(images, labels) from a torch file (`--data-file` of search, sample and export), checked; ValueError
+    naming the file otherwise. Loaded with weights_only=True: a file that would run code is refused."""
+    path = Path(path)
+    name = f"--data-file {str(path)!r}"
+    if not path.is_file():
+        raise ValueError(f"{name} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 (any unreadable file is a user error here)
+        # torch's own message would suggest weights_only=False, which would run the file's code
+        if isinstance(err, pickle.UnpicklingError) and "Unsupported global" in str(err):
+            raise ValueError(f"{name} holds objects other than tensors and plain containers; it is not "
+                             "loaded, since unpickling them could run code") from None
+        detail = "" if isinstance(err, pickle.UnpicklingError) else f": {str(err).splitlines()[0]}"
+        raise ValueError(f"{name} cannot be read as a torch file{detail}") from None
+    if isinstance(obj, dict):
+        if set(obj) != {"images", "labels"}:
+            raise ValueError(f"{name} holds a dict with keys {sorted(map(str, obj))}; "
+                             "expected exactly ['images', 'labels']")
+        obj = (obj["images"], obj["labels"])
+    if not isinstance(obj, (tuple, list)) or len(obj) != 2:
+        raise ValueError(f"{name} must hold (images, labels) or {{'images': ..., 'labels': ...}}")
+    check_tensors(*obj, what=name)
+    return tuple(obj)
+
+
 def split_data(x: torch.Tensor, y: torch.Tensor, seed: int, val_fraction: float = 0.5, test_fraction: float = 0.2,
                test: Pair | None = None, max_train: int | None = None) -> Split:
     """Shuffles with `seed`, holds out a test part (unless `test` is given), splits the rest train/val.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..data import load_data_file
 from ..export import export
 
 
@@ -20,9 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .search import _load_data_file
-
-    data = _load_data_file(args.data_file) if args.data_file is not None else None
+    data = load_data_file(args.data_file) if args.data_file is not None else None
     path = export(args.run_dir, args.out, subnet=args.subnet, onnx=args.onnx, data=data)
     print(f"wrote {path}")
     return 0

@@ -8,12 +8,12 @@ command and `supernet.search(...)` take the same settings.
 from __future__ import annotations
 
 import argparse
-import pickle
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
 from ..cli import add_device_arguments, set_threads
+from ..data import load_data_file
 from ..devices import PRECISIONS
 from ..distributed import PeerFailure
 from ..search_config import DATASETS, METHODS, SearchConfig
@@ -115,35 +115,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars and no summary")
 
 
-def _load_data_file(path: Path):
-    """(images, labels) from a torch file, checked; ValueError naming the file otherwise."""
-    import torch
-
-    from .. import data as data_module
-
-    name = f"--data-file {str(path)!r}"
-    if not path.is_file():
-        raise ValueError(f"{name} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 (any unreadable file is a user error here)
-        # torch's own message would suggest weights_only=False, which would run the file's code
-        if isinstance(err, pickle.UnpicklingError) and "Unsupported global" in str(err):
-            raise ValueError(f"{name} holds objects other than tensors and plain containers; it is not "
-                             "loaded, since unpickling them could run code") from None
-        detail = "" if isinstance(err, pickle.UnpicklingError) else f": {str(err).splitlines()[0]}"
-        raise ValueError(f"{name} cannot be read as a torch file{detail}") from None
-    if isinstance(obj, dict):
-        if set(obj) != {"images", "labels"}:
-            raise ValueError(f"{name} holds a dict with keys {sorted(map(str, obj))}; "
-                             "expected exactly ['images', 'labels']")
-        obj = (obj["images"], obj["labels"])
-    if not isinstance(obj, (tuple, list)) or len(obj) != 2:
-        raise ValueError(f"{name} must hold (images, labels) or {{'images': ..., 'labels': ...}}")
-    data_module.check_tensors(*obj, what=name)
-    return tuple(obj)
-
-
 def run(args: argparse.Namespace) -> int:
     """Runs `supernet search` from parsed options."""
     set_threads(args.threads)
@@ -151,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     explicit = getattr(args, "_explicit", set())
     if args.data_file is not None and "dataset" in explicit and args.dataset != "tensors":
         raise ValueError(f"--dataset {args.dataset} and --data-file both name the data; give only one")
-    data = _load_data_file(args.data_file) if args.data_file is not None else None
+    data = load_data_file(args.data_file) if args.data_file is not None else None
     if args.resume is not None:
         options = {n: getattr(args, n) for n in names if n in explicit}
     else:
