@@ -7,21 +7,12 @@ import statistics
 import numpy as np
 import pytest
 
-import strategies.predictor  # noqa: F401  (registers "bananas")
 from strategies import Evaluation, make_strategy, restore, search
 from strategies.predictor import MLPEnsemble, PathEncoder
 from supernet import get_space
-from supernet.spaces import NB201Space
+from tests.test_strategies import TinyCell
 
 FAST = {"initial": 8, "batch": 4, "epochs": 60, "members": 3}
-
-
-class TinyCell(NB201Space):
-    """NAS-Bench-201's cell shrunk to 2 nodes (3 edges) and 3 ops: 27 architectures."""
-
-    name = "tinycell"
-    ops = ("none", "skip_connect", "nor_conv_3x3")
-    num_nodes = 2
 
 
 def interaction_benchmark(space, seed):
