@@ -152,8 +152,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.resume:
         out = args.out
     else:  # rank 0 makes the folder; the others only learn its path
-        made = str(runs.open_run_dir(args.out, "samples", "sample")) if main else ""
-        out = Path(distributed.broadcast_object(made, "sharing the sample folder"))
+        out = distributed.on_main(lambda: runs.open_run_dir(args.out, "samples", "sample"), "sharing the sample folder")
     if not args.quiet:
         print(f"sample folder: {out}")
     try:

@@ -117,6 +117,23 @@ def broadcast_object(obj, what: str = "broadcast"):
     return box[0]
 
 
+def on_main(make, what: str):
+    """`make()` run on rank 0 alone (e.g. opening the run folder), its result shared with every rank; a
+    ValueError it raises is raised on every rank, so no rank waits for a folder that was refused."""
+    if not active():
+        return make()
+    result, error = None, None
+    if is_main():
+        try:
+            result = make()
+        except ValueError as err:
+            error = str(err)
+    result, error = broadcast_object((result, error), what)
+    if error is not None:
+        raise ValueError(error)
+    return result
+
+
 def all_gather_object(obj, what: str = "gather") -> list:
     """Every rank's `obj`, in rank order (`[obj]` in one process)."""
     if not active():

@@ -121,18 +121,9 @@ def _search(resume, data, out, run_dir, quiet, callback, on_run_dir, device, com
     if stored is not None:
         searcher.load_state(stored)  # before the folder is touched: a refused world size leaves it as it was
 
-    opened: "Path | str" = ""
-    if main:  # one writer: rank 0 makes the folder; the others learn its path (or why it failed)
-        try:
-            opened = runs.open_run_dir(run_dir, out, f"search-{config.method}", resume=resume is not None)
-        except ValueError as err:
-            opened = f"error: {err}"
-            if searcher.world == 1:
-                raise
-    opened = distributed.broadcast_object(opened if isinstance(opened, str) else str(opened), "sharing the run folder")
-    if opened.startswith("error: "):
-        raise ValueError(opened[len("error: "):])
-    run_dir = Path(opened)
+    # one writer: rank 0 makes the folder; the others learn its path (or why it failed)
+    run_dir = distributed.on_main(lambda: runs.open_run_dir(run_dir, out, f"search-{config.method}",
+                                                            resume=resume is not None), "sharing the run folder")
     if on_run_dir is not None:
         on_run_dir(run_dir)
     if not quiet and main:
