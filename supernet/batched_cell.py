@@ -49,7 +49,7 @@ CL = torch.channels_last
 # Levers, switchable for measurement (bench/bench_search_step.py --levers); all on is the design.
 ENABLED = True  # the hook in SearchCell.forward; False restores the per-edge path
 LEVERS = {"channels_last": True, "share_pools": True, "share_relu": True, "bn_weighted": True, "dw_backward": True,
-          "pw_matmul": True}
+          "pw_matmul": True, "dilated_stride": True}
 
 
 def serves(x: torch.Tensor) -> bool:
@@ -96,12 +96,17 @@ def shared_batch_norm(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d]) -> torch.T
     """bn(y) for several non-affine batch-statistics batch norms fed the same y: one normalisation, and
     every module's running statistics updated with the same batch statistics."""
     first = bns[0]
-    out = F.batch_norm(y, first.running_mean, first.running_var, None, None, True, count_batch(first), first.eps)
-    if len(bns) > 1:
-        with torch.no_grad():
-            unbiased, mean = torch.var_mean(y, dim=(0, 2, 3), correction=1)
-        for bn in bns[1:]:
-            update_running_stats(bn, mean, unbiased, count_batch(bn))
+    if len(bns) == 1:
+        return F.batch_norm(y, first.running_mean, first.running_var, None, None, True, count_batch(first), first.eps)
+    # the batch statistics come back from the normalisation itself (a separate var_mean pass over y cost
+    # about 1.5% of the small config's step)
+    out, mean, invstd = torch.native_batch_norm(y, None, None, first.running_mean, first.running_var, True,
+                                                count_batch(first), first.eps)
+    with torch.no_grad():
+        count = y.numel() // y.shape[1]
+        unbiased = (invstd.pow(-2) - first.eps) * (count / (count - 1))
+    for bn in bns[1:]:
+        update_running_stats(bn, mean, unbiased, count_batch(bn))
     return out
 
 
@@ -119,6 +124,9 @@ def shared_batch_norm(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d]) -> torch.T
 #     5x5 dilation 1: on tensors of >= 2**17 elements (1.7-2.4x faster; on smaller ones oneDNN's was 1.1-2x
 #       faster);
 #     3x3 dilation 1 is oneDNN's fast case already.
+#   weight gradient, stride 1, 5x5 dilation 1 on tensors of < 2**17 elements: as one depthwise conv of the
+#     padded input with the output gradient as its kernel, every (sample, channel) pair a group (1.3-1.8x
+#     faster at N 32, C 8-16, sides 8-16; a tie at C 32, side 4).
 SPLIT_MAX_SIDE = 8
 SPLIT_MIN_NUMEL = 2 ** 17
 
@@ -137,6 +145,13 @@ def split_weight_grad(k: int, stride: int, dilation: int, shape: Sequence[int]) 
     if dilation == 2:
         return h % 2 == 0 and w % 2 == 0 and (k == 3 or max(h, w) <= SPLIT_MAX_SIDE)  # polyphase: even sides
     return n * c * h * w >= SPLIT_MIN_NUMEL
+
+
+def gradient_as_kernel(k: int, stride: int, dilation: int, shape: Sequence[int]) -> bool:
+    """Whether the weight gradient of a depthwise conv of an input of `shape` runs as a conv whose kernel is
+    the output gradient (`_grad_weight_as_conv`)."""
+    n, c, h, w = shape
+    return stride == 1 and dilation == 1 and k == 5 and n * c * h * w < SPLIT_MIN_NUMEL
 
 
 def _aten_grads(g, x, w, stride, padding, dilation, mask):
@@ -165,6 +180,16 @@ def _grad_weight_split(x: torch.Tensor, g: torch.Tensor, k: int, dilation: int) 
     return out
 
 
+def _grad_weight_as_conv(x: torch.Tensor, g: torch.Tensor, k: int) -> torch.Tensor:
+    """d/dw of a stride-1 'same' depthwise conv: dw[c, i, j] = sum over n of the correlation of x[n, c] (padded)
+    with g[n, c] at offset (i, j), one depthwise conv with a kernel of the image's size and N*C groups."""
+    n, c, h, w = x.shape
+    p = k // 2
+    xp = F.pad(x, (p, p, p, p)).reshape(1, n * c, h + 2 * p, w + 2 * p)
+    out = F.conv2d(xp, g.reshape(n * c, 1, h, w), None, 1, 0, 1, n * c)
+    return out.view(n, c, k, k).sum(0).unsqueeze(1)
+
+
 class _Depthwise(torch.autograd.Function):
     """A depthwise conv (F.conv2d forward) whose backward takes, by the fixed rules above, oneDNN's own
     gradients or the faster alternatives."""
@@ -190,6 +215,8 @@ class _Depthwise(torch.autograd.Function):
         if need_w:
             if split_weight_grad(k, stride, dilation, x.shape):
                 gw = _grad_weight_split(x, g, k, dilation)
+            elif gradient_as_kernel(k, stride, dilation, x.shape):
+                gw = _grad_weight_as_conv(x, g, k)
             else:
                 gw = _aten_grads(g, x, w, stride, padding, dilation, [False, True, False])[1]
         return gx, gw, None, None, None
@@ -224,9 +251,27 @@ def _is_pointwise(conv: nn.Module) -> bool:
             and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.dilation == (1, 1))
 
 
+# A dilated depthwise conv whose stride divides its dilation and padding reads only every stride-th row and
+# column of its input: it is a stride-1 conv of that subsampled input (dilation and padding divided by the
+# stride). oneDNN's backward of the strided dilated conv was the slowest call of the DARTS step (the reduction
+# cells' dil_conv edges); on the subsampled input it is a stride-1 'same' conv with the fast backward above:
+# forward + backward 4-9x faster (1 thread; N 32/64, C 16-64, sides 8-32, 3x3 and 5x5, dilation 2, stride 2).
+def subsampled_depthwise(stride: int, padding: int, dilation: int) -> bool:
+    """Whether a strided depthwise conv runs as a stride-1 conv of its input's every stride-th pixel."""
+    return stride > 1 and dilation % stride == 0 and padding % stride == 0
+
+
+def _depthwise(y: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    stride, padding, dilation = conv.stride[0], conv.padding[0], conv.dilation[0]
+    if LEVERS["dilated_stride"] and subsampled_depthwise(stride, padding, dilation):
+        y = to_channels_last(y[:, :, ::stride, ::stride])
+        stride, padding, dilation = 1, padding // stride, dilation // stride
+    return _Depthwise.apply(y, conv.weight, stride, padding, dilation)
+
+
 def _layer(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
     if LEVERS["dw_backward"] and _is_same_depthwise(layer):
-        return _Depthwise.apply(y, layer.weight, layer.stride[0], layer.padding[0], layer.dilation[0])
+        return _depthwise(y, layer)
     if (LEVERS["pw_matmul"] and _is_pointwise(layer) and y.dim() == 4 and y.is_contiguous(memory_format=CL)
             and pointwise_matmul(*y.shape)):
         return _pointwise_mm(y, layer.weight)

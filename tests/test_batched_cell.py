@@ -157,6 +157,9 @@ def test_depthwise_backward_alternatives_equal_the_conv_gradients(k, dilation, s
         if dilation == 1 or side % 2 == 0:
             split = batched_cell._grad_weight_split(x, g, k, dilation)
             torch.testing.assert_close(split, expected[1], rtol=1e-10, atol=1e-10)
+        if dilation == 1:
+            as_conv = batched_cell._grad_weight_as_conv(x, g, k)
+            torch.testing.assert_close(as_conv, expected[1], rtol=1e-10, atol=1e-10)
 
 
 def test_algorithm_rules_read_only_shapes():
@@ -167,6 +170,10 @@ def test_algorithm_rules_read_only_shapes():
     assert rule(5, 1, 1, (64, 32, 16, 16)) and not rule(5, 1, 1, (32, 16, 8, 8))
     assert not rule(5, 2, 1, (32, 16, 8, 8))  # strided: oneDNN's
     assert batched_cell.flip_input_grad(5, 1, 2) and not batched_cell.flip_input_grad(3, 2, 1)
+    as_conv = batched_cell.gradient_as_kernel
+    assert as_conv(5, 1, 1, (32, 8, 16, 16)) and not as_conv(5, 1, 1, (64, 32, 16, 16))
+    assert not as_conv(3, 1, 1, (32, 8, 16, 16)) and not as_conv(5, 1, 2, (32, 8, 16, 16))
+    assert batched_cell.subsampled_depthwise(2, 4, 2) and not batched_cell.subsampled_depthwise(2, 2, 1)
     assert batched_cell.pointwise_matmul(32, 16, 8, 8) and not batched_cell.pointwise_matmul(64, 16, 32, 32)
     assert not hasattr(batched_cell, "_CHOICES")  # no timed, cached choices
 
@@ -260,3 +267,22 @@ def test_the_same_search_gives_bitwise_the_same_alphas_in_two_processes(tmp_path
         subprocess.run([sys.executable, "-c", SEARCH, str(out)], cwd=ROOT, check=True, timeout=300)
         outs.append(out.read_bytes())
     assert len(outs[0]) > 0 and outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("k", [3, 5])
+@pytest.mark.parametrize("side", [7, 8, 9])
+def test_strided_dilated_depthwise_is_a_conv_of_the_subsampled_input(k, side):
+    # the reduction cells' dil_conv (stride 2, dilation 2) runs as a stride-1 conv of every other pixel
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 3, k, stride=2, padding=k - 1, dilation=2, groups=3, bias=False).double()
+    assert batched_cell.subsampled_depthwise(2, k - 1, 2)
+    x = torch.randn(2, 3, side, side, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 3, (side + 1) // 2, (side + 1) // 2, dtype=torch.float64)
+    ours = batched_cell._layer(conv, batched_cell.to_channels_last(x))
+    theirs = conv(x)
+    assert ours.shape == theirs.shape
+    ours_grads = torch.autograd.grad(ours, (x, conv.weight), g)
+    theirs_grads = torch.autograd.grad(theirs, (x, conv.weight), g)
+    assert torch.allclose(ours, theirs, rtol=1e-12, atol=1e-12)
+    for a, b in zip(ours_grads, theirs_grads):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
