@@ -157,9 +157,8 @@ def test_depthwise_backward_alternatives_equal_the_conv_gradients(k, dilation, s
         if dilation == 1 or side % 2 == 0:
             split = batched_cell._grad_weight_split(x, g, k, dilation)
             torch.testing.assert_close(split, expected[1], rtol=1e-10, atol=1e-10)
-        if dilation == 1:
-            as_conv = batched_cell._grad_weight_as_conv(x, g, k)
-            torch.testing.assert_close(as_conv, expected[1], rtol=1e-10, atol=1e-10)
+        as_conv = batched_cell._grad_weight_as_conv(x, g, k, dilation)
+        torch.testing.assert_close(as_conv, expected[1], rtol=1e-10, atol=1e-10)
 
 
 def test_algorithm_rules_read_only_shapes():
@@ -172,7 +171,9 @@ def test_algorithm_rules_read_only_shapes():
     assert batched_cell.flip_input_grad(5, 1, 2) and not batched_cell.flip_input_grad(3, 2, 1)
     as_conv = batched_cell.gradient_as_kernel
     assert as_conv(5, 1, 1, (32, 8, 16, 16)) and not as_conv(5, 1, 1, (64, 32, 16, 16))
-    assert not as_conv(3, 1, 1, (32, 8, 16, 16)) and not as_conv(5, 1, 2, (32, 8, 16, 16))
+    assert as_conv(5, 1, 2, (32, 8, 16, 16)) and as_conv(5, 1, 2, (64, 16, 32, 32))
+    assert not as_conv(3, 1, 1, (32, 8, 16, 16)) and not as_conv(5, 2, 1, (32, 8, 16, 16))
+    assert as_conv(3, 1, 2, (32, 32, 4, 4)) and not as_conv(3, 1, 2, (32, 16, 8, 8))
     assert batched_cell.subsampled_depthwise(2, 4, 2) and not batched_cell.subsampled_depthwise(2, 2, 1)
     assert batched_cell.pointwise_matmul(32, 16, 8, 8) and not batched_cell.pointwise_matmul(64, 16, 32, 32)
     assert not hasattr(batched_cell, "_CHOICES")  # no timed, cached choices
