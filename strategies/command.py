@@ -9,6 +9,8 @@ front when a cost metric is known).
 from __future__ import annotations
 
 import argparse
+import inspect
+import json
 import sys
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from supernet.data import load_data_file
 from supernet.tensorboard import check_available as check_tensorboard
 from supernet.tensorboard import open_events
 
-from .base import Strategy, make_strategy, restore, search
+from .base import STRATEGIES, Strategy, make_strategy, restore, search
 from .evaluators import ProxyEvaluator, SupernetEvaluator, TabularBenchmark, TabularEvaluator, load_supernet
 from .metrics import TargetReward, pareto_front
 from .plots import plot_best_reward
@@ -42,9 +44,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--space", default="nb201", help="search space of the benchmark table")
     parser.add_argument("--metric", default=None,
                         help="reward metric (default: cifar10-val for a benchmark, accuracy for a run)")
-    parser.add_argument("--strategy", nargs="+", default=list(ORDER), help=f"strategies to run, from {list(ORDER)}")
+    parser.add_argument("--strategy", nargs="+", default=list(ORDER), help=f"strategies to run, from {sorted(STRATEGIES.names())} (default: {list(ORDER)})")
     parser.add_argument("--budget", type=int, default=100, help="evaluations per strategy")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warm-start", metavar="PROXY", default=None,
+                        help="zero-cost warm start (synflow, snip, grad_norm, jacov, naswot, params, flops) for the "
+                             "strategies that take one (bananas, evolution, random): their first cells are the "
+                             "proxy's best of a seeded random pool; the proxy's seconds go into summary.json, "
+                             "never counted as evaluations")
+    parser.add_argument("--warm-pool", type=int, default=100, help="cells in the warm start's pool")
     parser.add_argument("--out", type=Path, default=None,
                         help="sample folder, new or empty (default: a new samples/sample-<time>)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
@@ -112,17 +120,42 @@ def build_strategies(args: argparse.Namespace, space) -> dict[str, Strategy]:
         if not any((args.out / f"{name}.json").is_file() for name in args.strategy):
             raise ValueError(f"cannot resume: {str(args.out)!r} holds none of "
                              f"{[f'{name}.json' for name in args.strategy]}")
+    options = warm_start_options(args)
     strategies = {}
     for name in args.strategy:
         checkpoint = None if args.out is None else args.out / f"{name}.json"
         if args.resume and checkpoint.is_file():
-            strategy = restore(checkpoint, space, args.budget)
+            state = json.loads(checkpoint.read_text())
+            config = state.get("config", {})
+            for key, value in options.items():  # checked before the replay, which recomputes the proxy
+                if config.get(key) != value:
+                    raise ValueError(f"{checkpoint} was searched with {key}={config.get(key)!r}, not {value!r}; "
+                                     f"resume without --warm-start/--warm-pool, or start a new sample folder")
+            strategy = restore(state, space, args.budget)
             if strategy.name != name:
                 raise ValueError(f"{checkpoint} holds a {strategy.name!r} search, not {name!r}")
         else:
-            strategy = make_strategy(name, space, args.budget, args.seed)
+            strategy = make_strategy(name, space, args.budget, args.seed, **options)
         strategies[name] = strategy
     return strategies
+
+
+def warm_start_options(args: argparse.Namespace) -> dict:
+    """The strategy options of --warm-start and --warm-pool (none without --warm-start)."""
+    if args.warm_start is None:
+        return {}
+    from supernet.proxies import check_proxy
+
+    check_proxy(args.warm_start)
+    checks.integer("--warm-pool", args.warm_pool)
+    def takes_warm_start(name: str) -> bool:
+        return "warm_start" in inspect.signature(STRATEGIES.get(name)).parameters
+
+    unable = [name for name in args.strategy if not takes_warm_start(name)]
+    if unable:
+        able = [name for name in STRATEGIES.names() if takes_warm_start(name)]
+        raise ValueError(f"--warm-start applies to {able}, not {unable}; choose --strategy among those")
+    return {"warm_start": args.warm_start, "warm_pool": args.warm_pool}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -161,6 +194,9 @@ def _run(args: argparse.Namespace) -> int:
             if not args.quiet:
                 best = strategy.best()
                 print(f"{name}: best reward {best.reward:.4f} after {len(strategy.history)} evaluations: {best.arch}")
+                if getattr(strategy, "warm", None) is not None:
+                    print(f"{name}: zero-cost warm start ({strategy.warm.proxy}, pool of {strategy.warm.pool}): "
+                          f"{strategy.warm.seconds:.1f} s, not counted as evaluations")
     except KeyboardInterrupt:
         print(f"\nsupernet sample: interrupted; continue with the same options and --resume --out {out}",
               file=sys.stderr)
@@ -174,6 +210,10 @@ def _run(args: argparse.Namespace) -> int:
     events.image_file("best_reward", out / "best_reward.png")
     events.close()
     summary = {"best": {name: vars(s.best()) for name, s in strategies.items()}}
+    warm = {name: s.warm for name, s in strategies.items() if getattr(s, "warm", None) is not None}
+    if warm:  # the proxy's cost: reported, never an evaluation
+        summary["warm_start"] = {name: {"proxy": w.proxy, "pool": w.pool, "seconds": w.seconds}
+                                 for name, w in warm.items()}
     if args.cost is not None:
         trials = [t for s in strategies.values() for t in s.history]
         summary["pareto_front"] = [vars(t) for t in pareto_front(trials, {"reward": "max", args.cost: "min"})]

@@ -8,17 +8,20 @@ from typing import Any
 from supernet import checks
 
 from .base import STRATEGIES, Strategy
+from .warm_start import WarmStart
 
 
 @STRATEGIES.register("evolution")
 class RegularizedEvolution(Strategy):
     """A population of the `population` latest trials: the first are random, then each child mutates
     (one op or one input edge, `space.mutate`) the best of `sample_size` members drawn at random,
-    and the oldest member dies."""
+    and the oldest member dies. With a zero-cost warm start (`warm_start="synflow"` etc.), the first
+    population is the proxy's best `population` cells of a seeded random pool of `warm_pool`."""
 
     name = "evolution"
 
-    def __init__(self, space, budget: int, seed: int = 0, population: int = 10, sample_size: int = 3) -> None:
+    def __init__(self, space, budget: int, seed: int = 0, population: int = 10, sample_size: int = 3,
+                 warm_start: str | None = None, warm_pool: int = 100, proxy_options: dict | None = None) -> None:
         super().__init__(space, budget, seed)
         checks.integer("population", population)
         if checks.integer("sample_size", sample_size) > population:
@@ -26,11 +29,19 @@ class RegularizedEvolution(Strategy):
         self.population_size = population
         self.sample_size = sample_size
         self.population: deque[tuple[Any, float]] = deque()  # (genotype, reward), oldest first
+        self.warm_start, self.warm_pool, self.proxy_options = warm_start, warm_pool, dict(proxy_options or {})
+        self.warm = None if warm_start is None else WarmStart(warm_start, warm_pool, proxy_options)
+        self.queue: list[Any] = []  # the warm start's first population, still to evaluate
 
     def config(self) -> dict[str, Any]:
-        return {"population": self.population_size, "sample_size": self.sample_size}
+        return {"population": self.population_size, "sample_size": self.sample_size,
+                "warm_start": self.warm_start, "warm_pool": self.warm_pool, "proxy_options": self.proxy_options}
 
     def _propose(self) -> Any:
+        if self.warm is not None and not self.history:
+            self.queue = self.warm.cells(self.space, self.rng, self.population_size, set(), self.seed)
+        if self.queue:
+            return self.queue.pop(0)
         if len(self.population) < self.population_size:
             return self.space.random_genotype(self.rng)
         contenders = self.rng.sample(list(self.population), self.sample_size)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .base import STRATEGIES, Strategy
+from .warm_start import WarmStart
 
 # Draws before accepting a repeat: enough to find an unseen architecture unless the space is nearly exhausted.
 MAX_REDRAWS = 100
@@ -12,11 +13,28 @@ MAX_REDRAWS = 100
 
 @STRATEGIES.register("random")
 class RandomSearch(Strategy):
-    """Samples genotypes with `space.random_genotype`; repeats only when no new one turns up."""
+    """Samples genotypes with `space.random_genotype`; repeats only when no new one turns up.
+
+    With a zero-cost warm start (`warm_start="synflow"` etc.), the first `warm_pool` draws are evaluated
+    in the proxy's order, best first, instead of the order they were drawn in."""
 
     name = "random"
 
+    def __init__(self, space, budget: int, seed: int = 0, warm_start: str | None = None, warm_pool: int = 100,
+                 proxy_options: dict | None = None) -> None:
+        super().__init__(space, budget, seed)
+        self.warm_start, self.warm_pool, self.proxy_options = warm_start, warm_pool, dict(proxy_options or {})
+        self.warm = None if warm_start is None else WarmStart(warm_start, warm_pool, proxy_options)
+        self.queue: list[Any] = []  # the warm start's ranked pool, still to evaluate
+
+    def config(self) -> dict[str, Any]:
+        return {"warm_start": self.warm_start, "warm_pool": self.warm_pool, "proxy_options": self.proxy_options}
+
     def _propose(self) -> Any:
+        if self.warm is not None and not self.history:
+            self.queue = self.warm.cells(self.space, self.rng, self.warm_pool, set(), self.seed)
+        if self.queue:
+            return self.queue.pop(0)
         seen = {t.arch for t in self.history}
         for _ in range(MAX_REDRAWS):
             genotype = self.space.random_genotype(self.rng)

@@ -12,7 +12,8 @@ from strategies.predictor import MLPEnsemble, PathEncoder
 from supernet import get_space
 from tests.test_strategies import TinyCell
 
-FAST = {"initial": 8, "batch": 4, "epochs": 60, "members": 3}
+FAST = {"initial": 8, "batch": 4, "local_search": 2, "epochs": 60, "refit_epochs": 10, "members": 3,
+        "random_candidates": 100}
 
 
 def interaction_benchmark(space, seed):
@@ -59,6 +60,19 @@ def test_the_mlp_ensemble_fits_a_simple_function():
     pred = MLPEnsemble(members=3, width=16, epochs=300).fit(x, y, rng).predict(x)
     assert pred.shape == (3, 64)
     assert np.abs(pred.mean(axis=0) - y).mean() < 0.3
+
+
+def test_a_warm_started_refit_learns_the_new_points_and_needs_a_fit_first():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 2, (64, 6)).astype(float)
+    y = x @ np.arange(6.0)
+    model = MLPEnsemble(members=3, width=16, epochs=300).fit(x[:32], y[:32], rng)
+    before = np.abs(model.predict(x[32:]).mean(axis=0) - y[32:]).mean()
+    model.refit(x, y, epochs=60)  # a fifth of the epochs, from the previous weights
+    after = np.abs(model.predict(x).mean(axis=0) - y).mean()
+    assert after < 0.3 and after < before
+    with pytest.raises(ValueError, match="refit"):
+        MLPEnsemble().refit(x, y, epochs=10)
 
 
 def test_same_seed_same_search_and_different_seeds_differ():
@@ -140,5 +154,11 @@ def test_bad_options_are_clear_errors():
         make_strategy("bananas", "nb201", 10, 0, batch=0)
     with pytest.raises(ValueError, match="'nope'"):
         make_strategy("bananas", "nb201", 10, 0, warm_start="nope")
+    with pytest.raises(ValueError, match="refit_epochs"):
+        make_strategy("bananas", "nb201", 10, 0, refit_epochs=-1)
+    with pytest.raises(ValueError, match="local_search"):
+        make_strategy("bananas", "nb201", 10, 0, local_search=1.5)
+    with pytest.raises(ValueError, match="local_search must be at most batch=4"):
+        make_strategy("bananas", "nb201", 10, 0, batch=4, local_search=5)
     with pytest.raises(ValueError, match="floor_quantile"):
         make_strategy("bananas", "nb201", 10, 0, floor_quantile=1.0)

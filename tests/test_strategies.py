@@ -314,3 +314,60 @@ def test_a_checkpoint_from_another_seed_or_space_is_rejected(tmp_path):
         restore(path, budget=5)
     with pytest.raises(ValueError, match="does not exist"):
         restore(tmp_path / "missing.json")
+
+
+# --- zero-cost warm start (random, evolution, bananas; `supernet sample --warm-start`) ---------------
+WARM = {"warm_start": "params", "warm_pool": 6, "proxy_options": {"C": 4, "layers": 1}}
+
+
+def params_ranked_pool(seed, pool=6):
+    """The warm start's pool for `seed`, redrawn independently, largest cell (by parameters) first."""
+    from supernet.proxies import score
+
+    space, rng, cells = get_space("nb201"), random.Random(seed), []
+    while len(cells) < pool:
+        g = space.random_genotype(rng)
+        if space.format(g) not in {space.format(c) for c in cells}:
+            cells.append(g)
+    scores = [score("params", g, space, input_shape=(1, 8, 8), C=4, layers=1) for g in cells]
+    return [space.format(cells[i]) for i in sorted(range(pool), key=lambda i: (-scores[i], i))]
+
+
+@pytest.mark.parametrize("name, first", [("random", 6), ("evolution", 3)])
+def test_warm_start_evaluates_the_proxys_best_of_the_pool_first_and_resumes(name, first):
+    options = {**WARM, "population": 3} if name == "evolution" else WARM
+    reward = additive_benchmark(get_space("nb201"), 0)
+    strategy = run(name, "nb201", 10, 7, reward, **options)
+    assert [t.arch for t in strategy.history[:first]] == params_ranked_pool(7)[:first]
+    assert strategy.warm.seconds > 0 and len(strategy.history) == 10  # the proxy costs no evaluation
+    assert [t.arch for t in restore(strategy.state()).history] == [t.arch for t in strategy.history]
+
+
+def test_warm_start_with_an_unknown_proxy_or_a_bad_pool_is_a_clear_error():
+    for name in ("random", "evolution", "bananas"):
+        with pytest.raises(ValueError, match="unknown zero-cost proxy 'nope'"):
+            make_strategy(name, "nb201", 10, warm_start="nope")
+    with pytest.raises(ValueError, match="warm_pool must be a positive integer"):
+        make_strategy("random", "nb201", 10, warm_start="params", warm_pool=0)
+
+
+def test_sample_command_warm_start_reports_the_proxy_seconds_and_checks_its_strategies(tmp_path, capsys):
+    import json
+
+    from supernet.cli import main as cli_main
+
+    out = tmp_path / "s"
+    args = ["sample", "--benchmark", "nb201", "--budget", "4", "--warm-start", "params", "--warm-pool", "5",
+            "--out", str(out)]
+    assert cli_main(args + ["--strategy", "random", "evolution"]) == 0
+    assert "random: zero-cost warm start (params, pool of 5)" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["warm_start"]) == {"random", "evolution"}
+    assert all(w["seconds"] > 0 and w["proxy"] == "params" for w in summary["warm_start"].values())
+    history = json.loads((out / "random.json").read_text())["history"]
+    assert len(history) == 4  # proxy scores are not evaluations
+    assert cli_main(["sample", "--benchmark", "nb201", "--budget", "6", "--strategy", "random", "--resume",
+                     "--out", str(out), "--warm-start", "synflow"]) == 2
+    assert "searched with warm_start='params', not 'synflow'" in capsys.readouterr().err
+    assert cli_main(args[:-2] + ["--strategy", "random", "reinforce", "--out", str(tmp_path / "r")]) == 2
+    assert "--warm-start applies to" in capsys.readouterr().err and not (tmp_path / "r").exists()
