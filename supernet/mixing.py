@@ -227,7 +227,7 @@ class Partial(MixingRule):
 class AuxSkip(Softmax):
     """DARTS-: softmax mixing plus an auxiliary skip connection beta * skip(x) on every edge.
 
-    beta is not an architecture parameter: the search loop decays it linearly from 1 to 0 over the epochs
+    beta is not an architecture parameter: the search loop decays it linearly from 1 toward 0 over the epochs
     (`decays_aux_skip`). It rides on the skip candidate's weight (softmax(alpha)_skip + beta), so the
     edge computes sum_k softmax(alpha)_k op_k(x) + beta * skip(x); on a reduction edge skip is the space's
     strided skip (factorized reduce in the DARTS space), as in DARTS-.

@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, fields
 
-from . import checks
+from . import checks, data
 from .devices import PRECISIONS
 from .mixing import MIXING
 from .search_network import SearchNetwork
 from .spaces import list_spaces
 
-DATASETS = ("digits", "cifar10", "tensors")
+DATASETS = (*data.DATASETS, "tensors")
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,8 @@ METHODS = {
                        "PC-DARTS (1/k of the channels, edge normalisation, alpha warm-up)"),
     "drnas": Method("dirichlet", 1, True, 3e-4, 3e-4, 0.0,
                     "DrNAS (Dirichlet architecture distribution: a reparameterised sample per step, the mean "
-                    "for derivation; KL regulariser toward Dirichlet(1) weighted by reg_scale)",
+                    "for derivation; alphas regularised by Adam's weight decay, or with reg_scale > 0 by a KL "
+                    "term toward Dirichlet(1) instead)",
                     regulariser="dirichlet-kl"),
     "beta-darts": Method("softmax", 1, True, 3e-4, 3e-4, 0.0,
                          "beta-DARTS (DARTS first order plus the beta-decay regulariser lambda * mean logsumexp "
@@ -80,7 +81,7 @@ class SearchConfig:
 
     method: str = "darts"
     space: str = "darts"
-    dataset: str = "digits"  # 'digits' (embedded), 'cifar10' (needs data_dir), 'tensors' (passed in)
+    dataset: str = "digits"  # 'digits' (embedded), 'cifar10' or 'omniglot' (need data_dir), 'tensors' (passed in)
     data_dir: str | None = None
     data_fingerprint: str | None = None  # set for dataset='tensors', so a resume checks it gets the same data
     max_train: int | None = None  # cap on the non-test examples (for a quick look at a large dataset)
@@ -108,7 +109,8 @@ class SearchConfig:
     tau_max: float = 10.0  # gdas temperature, annealed linearly to tau_min over the epochs
     tau_min: float = 0.1
     spos_candidates: int = 20  # spos: random subnets ranked on the validation split to pick the result
-    reg_scale: float = 1e-3  # drnas: weight of the KL regulariser toward Dirichlet(1) (DrNAS: 1e-3)
+    reg_scale: float = 0.0  # drnas: weight of a KL term toward Dirichlet(1) that replaces the alphas' weight decay
+    #                          (DrNAS's reg_type 'kl'); 0: weight decay a_weight_decay, DrNAS's default ('l2')
     beta_lambda: float = 50.0  # beta-darts: regulariser weight beta_lambda * epoch / epochs (its code: 50)
     hessian_every: int = 0  # every N epochs, the dominant eigenvalue of the alpha Hessian (0: never)
     checkpoint_every: int = 0  # steps between checkpoints inside an epoch (0: at the end of each epoch only)
@@ -176,6 +178,17 @@ class SearchConfig:
     def method_spec(self) -> Method:
         """The method's table entry."""
         return METHODS[self.method]
+
+    @property
+    def regulariser(self) -> str | None:
+        """The term added to the alpha step's loss, if any (DrNAS's KL term only with reg_scale > 0)."""
+        name = self.method_spec.regulariser
+        return None if name == "dirichlet-kl" and self.reg_scale == 0 else name
+
+    @property
+    def alpha_weight_decay(self) -> float:
+        """Adam's weight decay on the alphas: a_weight_decay, except 0 where DrNAS's KL term replaces it."""
+        return 0.0 if self.regulariser == "dirichlet-kl" else self.a_weight_decay
 
     def to_dict(self) -> dict:
         """The config as a JSON-able dict (what a checkpoint header and config.json hold)."""

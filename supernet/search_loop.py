@@ -194,7 +194,7 @@ class Searcher:
                                                                     eta_min=config.w_lr_min)
         self.learns_alphas = config.method_spec.learns_alphas
         self.a_opt = torch.optim.Adam(self.net.arch_parameters(), lr=config.a_lr, betas=(0.5, 0.999),
-                                      weight_decay=config.a_weight_decay) if self.learns_alphas else None
+                                      weight_decay=config.alpha_weight_decay) if self.learns_alphas else None
         self.epoch = self.step = 0  # the next step to run
         self.search_done = False
         self.genotype: Any = None
@@ -299,7 +299,7 @@ class Searcher:
         else:
             grads, loss = architect.first_order_gradient(self.net, val, ctx=self.ctx)
         self._check_loss(loss, "validation (architecture)")
-        regulariser = self.config.method_spec.regulariser
+        regulariser = self.config.regulariser
         if regulariser is not None:
             reg_grads, term = architect.regulariser_gradient(self.net, regulariser, self.regulariser_weight(self.epoch),
                                                              ctx=self.ctx)
@@ -369,13 +369,14 @@ class Searcher:
         """The weight of the method's regulariser: DrNAS reg_scale; beta-DARTS beta_lambda * epoch / epochs
         (linear from 0 toward beta_lambda, as beta-DARTS's code: 50 * epoch / 100 over its 100 epochs)."""
         c = self.config
-        if c.method_spec.regulariser == "beta-decay":
+        if c.regulariser == "beta-decay":
             return c.beta_lambda * epoch / c.epochs
         return c.reg_scale
 
     def aux_skip(self, epoch: int) -> float:
-        """DARTS-: the auxiliary skip weight, linear from 1 at the first epoch to 0 at the last."""
-        return 1.0 - epoch / max(self.config.epochs - 1, 1)
+        """DARTS-: the auxiliary skip weight (epochs - epoch) / epochs, linear from 1 at the first epoch to
+        1 / epochs at the last, as DARTS-'s linear decay (it reaches 0 only after the search)."""
+        return 1.0 - epoch / self.config.epochs
 
     def diagnostics(self, genotype: Any) -> dict:
         """Collapse diagnostics for the epoch record: parameter-free share of the derived cells, mean alpha
@@ -388,7 +389,7 @@ class Searcher:
                 x, y = self.split.val
                 batch = devices.to_device((x[:c.batch_size], y[:c.batch_size]), self.device)
                 out["hessian_eigenvalue"] = hessian_eigenvalue(self.net, batch, seed=c.seed)  # in fp32
-        if c.method_spec.regulariser is not None:
+        if c.regulariser is not None:
             out["regulariser_weight"] = self.regulariser_weight(self.epoch)
         if c.method_spec.decays_aux_skip:
             out["aux_skip"] = self.net.mixing.beta

@@ -147,3 +147,53 @@ def test_fingerprint_reads_every_dtype():
     x = torch.randn(4, 1, 2, 2)
     assert data.fingerprint(x.bfloat16()) != data.fingerprint(x.half())
     assert len(data.fingerprint(x.bfloat16(), torch.arange(4))) == 16
+
+
+def _omniglot_zip(path, drawings):
+    """A zip in Omniglot's layout: `drawings` maps (alphabet, character, file) to a 0/1 numpy image."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for (alphabet, character, file), strokes in drawings.items():
+            buffer = io.BytesIO()
+            Image.fromarray(((1 - strokes) * 255).astype(np.uint8)).save(buffer, format="PNG")  # strokes are black
+            archive.writestr(f"images_background/{alphabet}/{character}/{file}", buffer.getvalue())
+    return path
+
+
+def test_omniglot_alphabets_are_the_classes_and_shared_drawings_count_once(tmp_path):
+    rng = np.random.default_rng(0)
+    drawing = lambda: (rng.random((20, 20)) < 0.3).astype(np.float32)  # noqa: E731
+    shared = {("Latin", "a", "1.png"): drawing(), ("Latin", "a", "2.png"): drawing()}
+    _omniglot_zip(tmp_path / "one.zip", {**shared, ("Greek", "alpha", "1.png"): drawing()})
+    _omniglot_zip(tmp_path / "two.zip", {**shared, ("Aramaic", "x", "1.png"): drawing()})
+    x, y = data.load_omniglot_alphabets(tmp_path, image_size=20)
+    assert x.shape == (4, 1, 20, 20) and x.dtype == torch.float32  # the shared Latin drawings once
+    # Sorted by (alphabet, character, file); alphabets numbered in name order: Aramaic 0, Greek 1, Latin 2.
+    assert y.tolist() == [0, 1, 2, 2]
+    assert torch.allclose(x[2, 0], torch.from_numpy(shared[("Latin", "a", "1.png")]), atol=1e-6)  # strokes are 1
+
+
+def test_omniglot_needs_a_path_and_two_alphabets(tmp_path):
+    import supernet
+
+    with pytest.raises(ValueError, match="dataset='omniglot' needs data_dir"):
+        supernet.search(dataset="omniglot", run_dir=tmp_path / "run", device="cpu")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="does not exist"):
+        data.load_omniglot_alphabets(tmp_path / "nowhere")
+    _omniglot_zip(tmp_path / "one.zip", {("Latin", "a", "1.png"): np.ones((8, 8), np.float32)})
+    with pytest.raises(ValueError, match="holds 1 alphabets; classifying them needs at least two"):
+        data.load_omniglot_alphabets(tmp_path / "one.zip")
+
+
+def test_omniglot_background_sets_are_eight_alphabets_at_32_pixels(data_dir):
+    split = data.load_split("omniglot", seed=0, data_dir=data_dir / "omniglot")
+    x, y = data.load_omniglot_alphabets(data_dir / "omniglot")
+    # 4,840 distinct drawings: the two zips hold 5,840, 1,000 of them (Greek and Latin) in both.
+    assert x.shape == (4840, 1, 32, 32) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert torch.bincount(y).tolist() == [480, 440, 480, 940, 800, 520, 840, 340]
+    assert split.num_classes == 8 and split.in_channels == 1 and len(split.test[0]) == round(0.2 * 4840)

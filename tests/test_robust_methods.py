@@ -80,7 +80,7 @@ def test_method_table_entries():
     assert METHODS["beta-darts"].mixing == "softmax" and METHODS["beta-darts"].regulariser == "beta-decay"
     assert METHODS["darts-minus"].mixing == "aux-skip" and METHODS["darts-minus"].decays_aux_skip
     assert all(METHODS[m].learns_alphas and METHODS[m].arch_order == 1 for m in ROBUST)
-    assert SearchConfig(method="drnas").reg_scale == 1e-3
+    assert SearchConfig(method="drnas").reg_scale == 0.0  # DrNAS's default: Adam weight decay, no KL term
     assert not Dirichlet.differentiable and Dirichlet.learns_alphas
 
 
@@ -120,6 +120,22 @@ def test_regulariser_gradient_is_the_weighted_terms_gradient():
     assert float(term) == pytest.approx(float(expected.detach())) and torch.allclose(grads[0], g)
 
 
+@pytest.mark.parametrize("reg_scale", [0.0, 0.05])
+def test_drnas_kl_term_replaces_the_alphas_weight_decay(reg_scale, split):
+    """DrNAS's two regularisers are alternatives: Adam weight decay on the alphas (its default) or a KL term."""
+    searcher = Searcher(SearchConfig(method="drnas", **SPACES["nb201"], **BASE, reg_scale=reg_scale,
+                                     a_weight_decay=0.01), split)
+    assert searcher.a_opt.param_groups[0]["weight_decay"] == (0.0 if reg_scale else 0.01)
+    before = [a.detach().clone() for a in searcher.net.arch_parameters()]
+    torch.manual_seed(0)
+    searcher.run()
+    assert ("regulariser_weight" in searcher.history["epochs"][-1]) == bool(reg_scale)
+    assert any(not torch.equal(a, b) for a, b in zip(searcher.net.arch_parameters(), before, strict=True))
+    darts = Searcher(SearchConfig(method="darts", **SPACES["nb201"], **BASE, reg_scale=reg_scale,
+                                  a_weight_decay=0.01), split)
+    assert darts.a_opt.param_groups[0]["weight_decay"] == 0.01 and darts.config.regulariser is None
+
+
 def test_dirichlet_rule_mixes_with_the_mean_in_eval_and_samples_in_training():
     rule = Dirichlet()
     space = supernet.get_space("nb201")
@@ -149,7 +165,8 @@ def test_darts_minus_adds_beta_to_the_skip_weight_and_decays_it(split):
     assert torch.allclose(node.weights, torch.stack([w[e, k] + (0.25 if k == skip else 0.0) for e, k in node.pairs]))
     searcher = Searcher(SearchConfig(method="darts-minus", **SPACES["nb201"], **dict(BASE, epochs=3)), split)
     searcher.run()
-    assert [r["aux_skip"] for r in searcher.history["epochs"]] == [1.0, 0.5, 0.0]
+    # DARTS-'s linear decay: (epochs - epoch) / epochs, so the last epoch still has 1 / epochs of the skip
+    assert [r["aux_skip"] for r in searcher.history["epochs"]] == pytest.approx([1.0, 2 / 3, 1 / 3])
     beta_darts = Searcher(SearchConfig(method="beta-darts", **SPACES["nb201"], **dict(BASE, epochs=3),
                                        beta_lambda=2.0), split)
     assert [beta_darts.regulariser_weight(e) for e in range(3)] == [0.0, 2 / 3, 4 / 3]
@@ -208,7 +225,7 @@ def test_hessian_eigenvalue_matches_the_full_hessian(split):
 
 
 def test_run_folder_holds_the_diagnostics_and_the_collapse_plot(tmp_path):
-    result = supernet.search(run_dir=tmp_path / "run", method="drnas", hessian_every=1,
+    result = supernet.search(run_dir=tmp_path / "run", method="drnas", hessian_every=1, reg_scale=1e-3,
                              **SPACES["nb201"], **BASE)
     results = json.loads((result.run_dir / "results.json").read_text())
     record = results["history"][-1]

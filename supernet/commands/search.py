@@ -24,8 +24,10 @@ from ..spaces import list_spaces
 HELP = {
     "method": "search method: " + "; ".join(f"{k}: {m.summary}" for k, m in METHODS.items()),
     "space": "cell search space",
-    "dataset": "digits: scikit-learn's 8x8 digits, embedded; cifar10: read from --data-dir (never downloaded)",
-    "data_dir": "folder holding CIFAR-10's python layout ('cifar-10-batches-py')",
+    "dataset": "digits: scikit-learn's 8x8 digits, embedded; cifar10: read from --data-dir; omniglot: the "
+               "alphabet of each handwritten character, 32x32, from the zips at --data-dir (nothing is downloaded)",
+    "data_dir": "cifar10: the folder holding its python layout ('cifar-10-batches-py'); omniglot: a zip or a "
+                "folder of zips (images_background*.zip)",
     "max_train": "use at most this many non-test examples",
     "val_fraction": "share of the non-test data the architecture is fitted on (DARTS: 0.5)",
     "test_fraction": "share held out for test accuracies (when the dataset has no test set)",
@@ -52,7 +54,8 @@ HELP = {
     "tau_max": "gdas: Gumbel-softmax temperature at the first epoch",
     "tau_min": "gdas: temperature at the last epoch (linear annealing)",
     "spos_candidates": "spos: random subnets ranked on the validation split to choose the result",
-    "reg_scale": "drnas: weight of the KL regulariser toward a Dirichlet(1) prior (DrNAS: 1e-3)",
+    "reg_scale": "drnas: weight of a KL term toward a Dirichlet(1) prior that replaces the alphas' weight decay "
+                 "(0, the default: weight decay --a-weight-decay, as DrNAS's default)",
     "beta_lambda": "beta-darts: the beta-decay regulariser's weight is beta_lambda * epoch / epochs "
                    "(beta-DARTS's NB201 code: 50)",
     "hessian_every": "every N epochs, record the dominant eigenvalue of the validation-loss Hessian w.r.t. the "
