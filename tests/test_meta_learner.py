@@ -322,3 +322,68 @@ def test_an_update_that_turns_a_weight_non_finite_is_undone():
     with pytest.raises(NonFiniteUpdate, match="the update made classifier.weight non-finite"):
         learner.meta_step(image_tasks(2, seed=1))
     assert_unchanged(learner, before)
+
+
+# --- the folded path (supernet.meta.folded) against the reference path ---------------------------
+def supernet_pair(dtype):
+    torch.manual_seed(0)
+    return SearchNetwork("nb201", C=2, layers=1, num_classes=3, in_channels=1).to(dtype)
+
+
+def rms_error(got, expected):
+    """||got - expected|| / ||expected||: steadier than elementwise tolerances for reductions."""
+    return ((got.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("method", ["maml", "fomaml", "reptile"])
+@pytest.mark.parametrize("learn_alphas", [True, False])
+def test_folded_meta_gradient_equals_the_reference_path(method, learn_alphas):
+    options = dict(inner_steps=2, inner_lr_weights=0.3, inner_lr_alphas=0.9, learn_alphas=learn_alphas)
+    episodes = image_tasks(3)
+    # float64: the same numbers to rounding
+    ref64, stats64 = MetaLearner(supernet_pair(torch.float64), method, folded=False, **options).meta_gradient(episodes)
+    folded_learner = MetaLearner(supernet_pair(torch.float64), method, **options)
+    assert folded_learner.folded is not None  # the default takes the folded path for nb201
+    got64, got_stats = folded_learner.meta_gradient(episodes)
+    assert set(got64) == set(ref64)
+    for name in ref64:
+        torch.testing.assert_close(got64[name], ref64[name], rtol=1e-9, atol=1e-12, msg=name)
+    assert got_stats == pytest.approx(stats64, rel=1e-9)
+    # float32: rounding, amplified through the inner loop, puts the float32 reference path 1e-6 to 6e-6 (relative
+    # RMS) from the float64 result here; the folded path sums in other orders and takes its 1x1 convolutions'
+    # batch statistics from their inputs' covariance, and lands within 10x of that (a wrong term is off by 1e-2+)
+    episodes32 = Episode(*(t.float() if t.is_floating_point() else t for t in (
+        episodes.support_x, episodes.support_y, episodes.query_x, episodes.query_y, episodes.classes)))
+    ref32, _ = MetaLearner(supernet_pair(torch.float32), method, folded=False, **options).meta_gradient(episodes32)
+    got32, _ = MetaLearner(supernet_pair(torch.float32), method, **options).meta_gradient(episodes32)
+    for name in ref64:
+        if ref64[name].norm() < 1e-6:  # conv biases before a batch norm: zero but for rounding
+            assert got32[name].abs().max() < 1e-6, name
+            continue
+        allowed = 10 * max(rms_error(ref32[name], ref64[name]), 2e-6)
+        assert rms_error(got32[name], ref64[name]) <= allowed, name
+
+
+def test_folded_adaptation_equals_the_reference_path():
+    episodes = image_tasks(3, seed=2)
+    options = dict(inner_steps=3, inner_lr_weights=0.3, inner_lr_alphas=2.0)
+    reference = MetaLearner(supernet_pair(torch.float64), "fomaml", folded=False, **options)
+    folded = MetaLearner(supernet_pair(torch.float64), "fomaml", **options)
+    expected, expected_stats = reference.adapt_many(episodes)
+    got, stats = folded.adapt_many(episodes)
+    assert set(got) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-9, atol=1e-12, msg=name)
+    for key in expected_stats:
+        torch.testing.assert_close(stats[key], expected_stats[key], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(folded.evaluate(episodes), reference.evaluate(episodes))
+
+
+def test_networks_the_folded_path_does_not_cover_run_the_reference_path():
+    partial = SearchNetwork("nb201", C=4, layers=1, num_classes=3, in_channels=1, mixing="partial")
+    assert MetaLearner(partial).folded is None
+    with pytest.raises(ValueError, match="folded=True, but the folded path does not cover mixing 'partial'"):
+        MetaLearner(partial, folded=True)
+    darts = SearchNetwork("darts", C=4, layers=2, num_classes=3, in_channels=1)
+    assert MetaLearner(darts).folded is None
+    assert MetaLearner(tiny_supernet(), folded=False).folded is None
