@@ -11,6 +11,7 @@ import hashlib
 import io
 import pickle
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,20 +60,36 @@ def load_cifar10(root: "str | Path") -> tuple[torch.Tensor, torch.Tensor, torch.
     return torch.cat([x for x, _ in train]), torch.cat([y for _, y in train]), x_test, y_test
 
 
-def load_omniglot_alphabets(path: "str | Path", image_size: int = OMNIGLOT_SIZE) -> Pair:
-    """Omniglot as plain classification: which alphabet a handwritten character comes from.
+# What reading a damaged zip member or image raises: zipfile (bad CRC, truncation), zlib, and Pillow,
+# which raises OSError for unreadable or truncated images and SyntaxError for broken PNG chunks.
+_UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError)
 
-    `path` is a zip or a folder of zips (`<split>/<alphabet>/<character>/*.png`); a drawing found in
-    several zips counts once. Returns images (N, 1, image_size, image_size), strokes 1 on background 0,
-    and labels, the alphabet's index in sorted name order. The two small background sets give 8
-    alphabets, 4,840 drawings.
-    """
+
+def omniglot_zips(path: "str | Path") -> list[Path]:
+    """The zip files at `path`: the file itself, or every `*.zip` in a folder (sorted)."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix != ".zip":
+            raise ValueError(f"Omniglot path {str(path)!r} is not a .zip file; expected a zip or a folder of zips")
+        return [path]
+    if not path.is_dir():
+        raise ValueError(f"Omniglot path {str(path)!r} does not exist; expected a zip file or a folder of zips")
+    zips = sorted(path.glob("*.zip"))
+    if not zips and (path / "omniglot").is_dir():  # the shared data folder itself
+        zips = sorted((path / "omniglot").glob("*.zip"))
+    if not zips:
+        raise ValueError(f"no .zip files in {str(path)!r}; expected Omniglot's images_background*.zip")
+    return zips
+
+
+def read_omniglot(path: "str | Path", image_size: int) -> dict[tuple[str, str, str], np.ndarray]:
+    """Every Omniglot drawing in the zip (or folder of zips) at `path`, keyed (alphabet, character, file),
+    resized to `image_size` square, strokes 1 on background 0; a drawing found in several zips (the small
+    background sets share 50 characters) is read once."""
     from PIL import Image
 
-    from .meta.omniglot import _UNREADABLE, omniglot_zips
-
     integer("image_size", image_size, minimum=4)
-    drawings: dict[tuple[str, str, str], np.ndarray] = {}  # (alphabet, character, file) -> image
+    drawings: dict[tuple[str, str, str], np.ndarray] = {}
     for zip_path in omniglot_zips(path):
         try:
             archive = zipfile.ZipFile(zip_path)
@@ -82,13 +99,26 @@ def load_omniglot_alphabets(path: "str | Path", image_size: int = OMNIGLOT_SIZE)
             for name in archive.namelist():
                 parts = name.split("/")
                 if len(parts) != 4 or not parts[3].endswith(".png") or tuple(parts[1:]) in drawings:
-                    continue
+                    continue  # folders, anything outside <split>/<alphabet>/<character>/<file>.png, repeats
                 try:
                     with Image.open(io.BytesIO(archive.read(name))) as im:
                         small = im.convert("L").resize((image_size, image_size), Image.LANCZOS)
                 except (*_UNREADABLE, Image.DecompressionBombError) as err:
                     raise ValueError(f"cannot read image {name!r} in {str(zip_path)!r}: {err}") from None
                 drawings[tuple(parts[1:])] = 1.0 - np.asarray(small, dtype=np.float32) / 255.0
+    if not drawings:
+        raise ValueError(f"no Omniglot images under {str(path)!r}; expected <split>/<alphabet>/<character>/*.png")
+    return drawings
+
+
+def load_omniglot_alphabets(path: "str | Path", image_size: int = OMNIGLOT_SIZE) -> Pair:
+    """Omniglot as plain classification: which alphabet a handwritten character comes from.
+
+    `path` is a zip or a folder of zips (`<split>/<alphabet>/<character>/*.png`). Returns images
+    (N, 1, image_size, image_size), strokes 1 on background 0, and labels, the alphabet's index in sorted
+    name order. The two small background sets give 8 alphabets, 4,840 drawings.
+    """
+    drawings = read_omniglot(path, image_size)
     alphabets = sorted({alphabet for alphabet, _, _ in drawings})
     if len(alphabets) < 2:
         raise ValueError(f"Omniglot at {str(path)!r} holds {len(alphabets)} alphabets; classifying them needs "
