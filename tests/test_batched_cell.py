@@ -175,16 +175,19 @@ def test_algorithm_rules_read_only_shapes():
     assert not as_conv(3, 1, 1, (32, 8, 16, 16)) and not as_conv(5, 2, 1, (32, 8, 16, 16))
     assert as_conv(3, 1, 2, (32, 32, 4, 4)) and not as_conv(3, 1, 2, (32, 16, 8, 8))
     assert batched_cell.subsampled_depthwise(2, 4, 2) and not batched_cell.subsampled_depthwise(2, 2, 1)
-    assert batched_cell.pointwise_matmul(32, 16, 8, 8) and not batched_cell.pointwise_matmul(64, 16, 32, 32)
+    pixels = batched_cell.pointwise_pixels_per_row
+    assert pixels(32, 16, 8, 8) == 1 and pixels(64, 16, 32, 32) == 0
+    assert pixels(32, 8, 16, 16) == 2 and pixels(1, 8, 65, 65) == 0  # an odd pixel count: oneDNN's conv
     assert not hasattr(batched_cell, "_CHOICES")  # no timed, cached choices
 
 
-def test_pointwise_matmul_equals_the_conv():
+@pytest.mark.parametrize("pixels", [1, 2])
+def test_pointwise_matmul_equals_the_conv(pixels):
     torch.manual_seed(0)
     x = torch.randn(2, 6, 5, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     conv = torch.nn.Conv2d(6, 4, 1, bias=False).double()
     xr = x.clone().requires_grad_()
-    y = batched_cell._pointwise_mm(xr, conv.weight)
+    y = batched_cell._pointwise_mm(xr, conv.weight, pixels)
     assert y.is_contiguous(memory_format=torch.channels_last)
     g = torch.randn_like(y)
     got = torch.autograd.grad(y, (xr, conv.weight), g)
