@@ -17,13 +17,17 @@ def batch_norm_with_stats(y: torch.Tensor, mean: torch.Tensor, var: torch.Tensor
         raise ValueError(f"batch_norm_with_stats expects a non-affine batch norm using batch statistics, got {bn}")
     if bn.training and bn.track_running_stats:
         factor = count_batch(bn)
-        count = y.numel() // y.shape[1]
-        unbiased = var.detach().to(bn.running_var.dtype) * (count / (count - 1))
-        update_running_stats(bn, mean, unbiased, factor)
+        update_running_stats(bn, mean, unbiased_variance(var.detach().to(bn.running_var.dtype), y), factor)
     shift = per_channel(mean)
     scale = per_channel(torch.rsqrt(var + bn.eps))
     acc = torch.promote_types(y.dtype, torch.float32)  # half precision normalises in fp32
     return ((y.to(acc) - shift) * scale).to(y.dtype)
+
+
+def unbiased_variance(biased: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Bessel's correction of y's per-channel biased variance: what running statistics average."""
+    count = y.numel() // y.shape[1]
+    return biased * (count / (count - 1))
 
 
 def count_batch(bn: nn.BatchNorm2d) -> float:

@@ -16,11 +16,12 @@ float rounding) as the per-edge path of `SearchCell.forward`, computed so:
     sum(g * BN(y)) through the scale's gradient, so neither BN(y) nor w * BN(y) is stored. Node sums are
     plain adds, which store nothing; the shared pool/skip outputs are stored once per state (addcmul).
   * convolutions: depthwise 'same' convs run through `_Depthwise`, whose backward takes, by a FIXED rule
-    (`flip_input_grad`, `split_weight_grad`; the measurements are beside them), oneDNN's gradients or faster
-    alternatives (input gradient as a forward conv with the flipped kernel; weight gradient of 5x5 /
-    dilated kernels through oneDNN's fast 3x3 weight gradient on polyphase images / 3x3 blocks). 1x1
-    convs of channels_last tensors run as one matmul over the (N*H*W, C) view where `pointwise_pixels_per_row`
-    says. The rules read only shapes, never timings, so the same seed gives bitwise the same search on
+    (`flip_input_grad`, `gradient_as_kernel`, `split_weight_grad`; the measurements are beside them), oneDNN's
+    gradients or faster alternatives (input gradient as a forward conv with the flipped kernel; weight gradient
+    of 5x5 / dilated kernels as a conv whose kernel is the output gradient, or through oneDNN's fast 3x3 weight
+    gradient on polyphase images / 3x3 blocks). A strided dilated depthwise conv runs as a stride-1 conv of
+    the subsampled input (`subsampled_depthwise`). 1x1 convs of channels_last tensors run as one matmul
+    over the (N*H*W, C) view (two pixels a row on few channels) where `pointwise_pixels_per_row` says. The rules read only shapes, never timings, so the same seed gives bitwise the same search on
     the same machine (a prototype timed the alternatives per shape and cached the fastest: runs then
     differed in rounding).
 
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dispatch
-from .batch_norm import count_batch, update_running_stats, uses_batch_stats_only
+from .batch_norm import count_batch, unbiased_variance, update_running_stats, uses_batch_stats_only
 from .ops import FactorizedReduce, Identity, ReLUSequential, StartsWithReLU, pool_parts
 
 CL = torch.channels_last
@@ -103,8 +104,7 @@ def shared_batch_norm(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d]) -> torch.T
     out, mean, invstd = torch.native_batch_norm(y, None, None, first.running_mean, first.running_var, True,
                                                 count_batch(first), first.eps)
     with torch.no_grad():
-        count = y.numel() // y.shape[1]
-        unbiased = (invstd.pow(-2) - first.eps) * (count / (count - 1))
+        unbiased = unbiased_variance(invstd.pow(-2) - first.eps, y)
     for bn in bns[1:]:
         update_running_stats(bn, mean, unbiased, count_batch(bn))
     return out

@@ -336,8 +336,8 @@ class TaskFoldedNetwork:
                     if key not in pooled:
                         pooled[key] = self.average_pool(op, x)
                     scaled.append((node, pooled[key].view(n, tasks, -1, *pooled[key].shape[-2:]), weight))
-                elif _conv_bn(op) is not None:  # one convolution for all alike (conv_terms)
-                    convs.setdefault(_conv_bn(op), []).append((node, op, weights[:, e, k]))
+                elif (shape := _conv_bn(op)) is not None:  # one convolution for all alike (conv_terms)
+                    convs.setdefault(shape, []).append((node, op, weights[:, e, k]))
                 else:
                     relu = torch.relu(x) if relu is None else relu
                     out = self.module(op[1:], relu)

@@ -134,16 +134,13 @@ def adapt_tasks(model: nn.Module, params: Params, frozen: Params, buffers: Param
 
 
 def reptile_direction(model: nn.Module, params: Params, frozen: Params, buffers: Params, episodes: Episode,
-                      lrs: dict[str, float], steps: int, folded: "TaskFoldedNetwork | None" = None
-                      ) -> tuple[Params, dict]:
-    """theta - mean(adapted theta): a descent direction, so an SGD step with rate e is Reptile's update.
+                      lrs: dict[str, float], steps: int) -> tuple[Params, dict]:
+    """theta - mean(adapted theta): a descent direction, so an SGD step with rate e is Reptile's update."""
+    return towards_adapted(params, *adapt_tasks(model, params, frozen, buffers, episodes, lrs, steps))
 
-    `folded`: adapt on that folded forward of `model` (the same numbers) instead of the reference path.
-    """
-    if folded is not None:
-        adapted, stats = folded_adapt_tasks(folded, params, frozen, episodes, lrs, steps)
-    else:
-        adapted, stats = adapt_tasks(model, params, frozen, buffers, episodes, lrs, steps)
+
+def towards_adapted(params: Params, adapted: Params, stats: dict) -> tuple[Params, dict]:
+    """Reptile's direction theta - mean(adapted theta) from the tasks' adapted parameters, and mean stats."""
     direction = {k: params[k].detach() - adapted[k].mean(dim=0) for k in params}
     return direction, {k: v.mean().item() for k, v in stats.items()}
 
@@ -359,8 +356,7 @@ class MetaLearner:
         self.network.train()
         params, frozen = self.split_params()
         if self.method == "reptile":
-            return reptile_direction(self.network, params, frozen, self.buffers(), episodes, self.lrs,
-                                     self.inner_steps, self.folded)
+            return towards_adapted(params, *self._adapt_tasks(params, frozen, episodes, self.inner_steps))
         if self.folded is not None:
             return folded_meta_gradient(self.folded, params, frozen, episodes, self.lrs, self.inner_steps,
                                         first_order=self.method == "fomaml")
@@ -396,12 +392,14 @@ class MetaLearner:
         episodes = self._check_episode(episodes)
         self.network.train()
         params, frozen = self.split_params()
-        steps = self.inner_steps if steps is None else steps
-        if self.folded is not None:
-            adapted, stats = folded_adapt_tasks(self.folded, params, frozen, episodes, self.lrs, steps)
-        else:
-            adapted, stats = adapt_tasks(self.network, params, frozen, self.buffers(), episodes, self.lrs, steps)
+        adapted, stats = self._adapt_tasks(params, frozen, episodes, self.inner_steps if steps is None else steps)
         return {**{k: v.expand(episodes.num_tasks, *v.shape) for k, v in frozen.items()}, **adapted}, stats
+
+    def _adapt_tasks(self, params: Params, frozen: Params, episodes: Episode, steps: int) -> tuple[Params, dict]:
+        """Adapted parameters and per-task query stats, on the folded path where it covers the network."""
+        if self.folded is not None:
+            return folded_adapt_tasks(self.folded, params, frozen, episodes, self.lrs, steps)
+        return adapt_tasks(self.network, params, frozen, self.buffers(), episodes, self.lrs, steps)
 
     def evaluate(self, episodes: Episode, steps: int | None = None, chunk: int = 100) -> torch.Tensor:
         """Query accuracy after adapting to each stacked task's support set, one value per task."""
