@@ -1,6 +1,6 @@
 """Issue 10's targets: one search step (forward, backward, SGD update) against the DARTS-layout baseline.
 
-    PYTHONPATH=. python3 bench/bench_search_step.py [--paper] [--threads N] [--runs R] [--levers]
+    PYTHONPATH=. python3 bench/bench_search_step.py [--paper] [--batch B] [--threads N] [--runs R] [--levers]
                                                     [--others] [--saved-only]
 
 Providers, timed interleaved in one process (ABAB...), ratios against `darts_ref` (tests/darts_reference.py:
@@ -157,9 +157,13 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--levers", action="store_true")
     p.add_argument("--others", action="store_true")
+    p.add_argument("--batch", type=int, default=None,
+                   help="another batch size (e.g. 2: what is left when the arithmetic is 16x smaller is per-call cost)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     cfg = PAPER if a.paper else SMALL
+    if a.batch is not None:
+        cfg = (cfg[0], cfg[1], a.batch, cfg[3])
     if a.others:
         for label, provs in other_cases(cfg).items():
             report(f"{label} C,L,B,HW={cfg}", provs, a.runs, "today")

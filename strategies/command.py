@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--space", default="nb201", help="search space of the benchmark table")
     parser.add_argument("--metric", default=None,
                         help="reward metric (default: cifar10-val for a benchmark, accuracy for a run)")
-    parser.add_argument("--strategy", nargs="+", default=list(ORDER), help=f"strategies to run, from {sorted(STRATEGIES.names())} (default: {list(ORDER)})")
+    parser.add_argument("--strategy", nargs="+", default=list(ORDER),
+                        help=f"strategies to run, from {sorted(STRATEGIES.names())} (default: {list(ORDER)})")
     parser.add_argument("--budget", type=int, default=100, help="evaluations per strategy")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warm-start", metavar="PROXY", default=None,

@@ -21,9 +21,10 @@ float rounding) as the per-edge path of `SearchCell.forward`, computed so:
     of 5x5 / dilated kernels as a conv whose kernel is the output gradient, or through oneDNN's fast 3x3 weight
     gradient on polyphase images / 3x3 blocks). A strided dilated depthwise conv runs as a stride-1 conv of
     the subsampled input (`subsampled_depthwise`). 1x1 convs of channels_last tensors run as one matmul
-    over the (N*H*W, C) view (two pixels a row on few channels) where `pointwise_pixels_per_row` says. The rules read only shapes, never timings, so the same seed gives bitwise the same search on
-    the same machine (a prototype timed the alternatives per shape and cached the fastest: runs then
-    differed in rounding).
+    over the (N*H*W, C) view (two pixels a row on few channels) where `pointwise_pixels_per_row` says. The
+    rules read only shapes, never timings, so the same seed gives bitwise the same search on the same
+    machine (a prototype timed the alternatives per shape and cached the fastest: runs then differed in
+    rounding).
 
 Note: the scale passed to batch norm is `w.expand(C).contiguous()`: with the stride-0 expand itself,
 torch 2.13's CPU batch-norm backward on channels_last inputs returned wrong gradients inside the network
@@ -126,9 +127,11 @@ def shared_batch_norm(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d]) -> torch.T
 #     3x3 dilation 1 is oneDNN's fast case already.
 #   weight gradient, stride 1, as one depthwise conv of the padded input with the output gradient as its
 #     kernel (every (sample, channel) pair a group, the dilation as its stride), taking precedence over the
-#     rules above: 5x5 on tensors of < 2**17 elements (1.2-2x faster than the best other at N 32, C 8-32,
-#     sides 4-16, both dilations; a tie at C 32, side 4, dilation 1) and on sides >= 32 (1.6-1.8x at N 64,
-#     C 16); 3x3 dilation 2 on sides <= 4 (1.6x; on sides 8-32 the polyphase split was 1.5-3x faster).
+#     rules above (`python bench/bench_cpu_rules.py`, idle machine): 5x5 on tensors of < 2**17 elements
+#     (1.2-2.5x faster than the best other at N 32, C 8-32, sides 4-16, both dilations; a tie at C 32, side 4,
+#     dilation 1) and on sides >= 32 (1.4-1.5x faster than oneDNN at N 64, C 16; at dilation 1 there the
+#     3x3 split measured 1.15x faster still, a refinement not yet taken); 3x3 dilation 2 on sides <= 4
+#     (1.1x; on sides 8-16 the polyphase split was 1.4-6x faster).
 SPLIT_MAX_SIDE = 8
 SPLIT_MIN_NUMEL = 2 ** 17
 
@@ -242,8 +245,8 @@ PW_MATMUL_MAX_ROWS = 2048
 
 
 # Beyond those rows, with 8 channels or fewer, two pixels per matmul row against the block-diagonal
-# [[W, 0], [0, W]] was 1.3x faster than oneDNN's conv and 1.8x faster than the thin (rows, C) x (C, C) matmul
-# (C=8, 8192 rows, forward + backward, 1 thread).
+# [[W, 0], [0, W]] was 1.2x faster than oneDNN's conv and 1.7x faster than the thin (rows, C) x (C, C) matmul
+# (C=8, 8192 rows, forward + backward, 1 thread; `python bench/bench_cpu_rules.py`).
 PW_PAIR_MAX_CHANNELS = 8
 
 
@@ -276,7 +279,8 @@ def _is_pointwise(conv: nn.Module) -> bool:
 # column of its input: it is a stride-1 conv of that subsampled input (dilation and padding divided by the
 # stride). oneDNN's backward of the strided dilated conv was the slowest call of the DARTS step (the reduction
 # cells' dil_conv edges); on the subsampled input it is a stride-1 'same' conv with the fast backward above:
-# forward + backward 4-9x faster (1 thread; N 32/64, C 16-64, sides 8-32, 3x3 and 5x5, dilation 2, stride 2).
+# forward + backward 3-8x faster (`python bench/bench_cpu_rules.py`, 1 thread; N 32/64, C 8-64, input sides
+# 8-64, 3x3 and 5x5, dilation 2, stride 2).
 def subsampled_depthwise(stride: int, padding: int, dilation: int) -> bool:
     """Whether a strided depthwise conv runs as a stride-1 conv of its input's every stride-th pixel."""
     return stride > 1 and dilation % stride == 0 and padding % stride == 0
