@@ -37,6 +37,7 @@ stays on the per-edge path of `supernet.dispatch`.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -85,13 +86,18 @@ def _plain(bn: nn.Module | None) -> bool:
             and (bn.track_running_stats or bn.running_mean is None))
 
 
-def weighted_batch_norm(y: torch.Tensor, bn: nn.BatchNorm2d, w: torch.Tensor) -> torch.Tensor:
-    """w * bn(y) for a non-affine batch-statistics batch norm, as one affine batch norm with scale w.
+def weighted_batch_norm(y: torch.Tensor, bn: nn.BatchNorm2d, scale: torch.Tensor) -> torch.Tensor:
+    """w * bn(y) for a non-affine batch-statistics batch norm, as one affine batch norm whose scale is the
+    mixing weight w repeated over y's channels (`channel_scales`).
 
     Saves nothing beyond what batch norm saves (its input and statistics)."""
-    factor = count_batch(bn)
-    scale = w.expand(y.shape[1]).contiguous()  # not the expand itself: see the module's note
-    return F.batch_norm(y, bn.running_mean, bn.running_var, scale, None, True, factor, bn.eps)
+    return F.batch_norm(y, bn.running_mean, bn.running_var, scale, None, True, count_batch(bn), bn.eps)
+
+
+def channel_scales(weights: torch.Tensor, channels: int) -> tuple[torch.Tensor, ...]:
+    """Each of a node's mixing weights repeated over its channels, made in one call for the whole node.
+    Contiguous copies, not the stride-0 expand itself: see the module's note."""
+    return weights[:, None].expand(-1, channels).contiguous().unbind(0)
 
 
 def shared_batch_norm(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d]) -> torch.Tensor:
@@ -266,7 +272,7 @@ def _pointwise_mm(x: torch.Tensor, w: torch.Tensor, pixels: int) -> torch.Tensor
     weight = w.view(w.shape[0], c)
     if pixels > 1:
         weight = torch.block_diag(*[weight] * pixels)
-    y = x.permute(0, 2, 3, 1).reshape(-1, pixels * c) @ weight.t()
+    y = torch.mm(x.permute(0, 2, 3, 1).reshape(-1, pixels * c), weight.t())
     return y.view(n, h, wd, -1).permute(0, 3, 1, 2)
 
 
@@ -294,38 +300,66 @@ def _depthwise(y: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return _Depthwise.apply(y, conv.weight, stride, padding, dilation)
 
 
-def _layer(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
-    if LEVERS["dw_backward"] and _is_same_depthwise(layer):
+# What kind of layer each layer of a candidate is, decided once per candidate module (`_chain`): deciding it
+# again for every layer of every candidate in every step cost more Python time than some of the calls.
+DEPTHWISE, POINTWISE, RELU, BATCH_NORM, MODULE = range(5)
+
+
+def _kind(layer: nn.Module) -> int:
+    if _is_same_depthwise(layer):
+        return DEPTHWISE
+    if _is_pointwise(layer):
+        return POINTWISE
+    if isinstance(layer, nn.ReLU):
+        return RELU
+    return BATCH_NORM if isinstance(layer, nn.BatchNorm2d) and not layer.affine else MODULE
+
+
+def _run(kind: int, layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """layer(y), by the faster route for its kind where the levers allow."""
+    if kind == DEPTHWISE and LEVERS["dw_backward"]:
         return _depthwise(y, layer)
-    if LEVERS["pw_matmul"] and _is_pointwise(layer) and y.dim() == 4 and y.is_contiguous(memory_format=CL):
+    if kind == POINTWISE and LEVERS["pw_matmul"] and y.dim() == 4 and y.is_contiguous(memory_format=CL):
         pixels = pointwise_pixels_per_row(*y.shape)
         if pixels:
             return _pointwise_mm(y, layer.weight, pixels)
+    if kind == RELU:
+        return torch.relu(y)
+    if kind == BATCH_NORM and _plain(layer):  # what nn.BatchNorm2d.forward calls, without its module call
+        return F.batch_norm(y, layer.running_mean, layer.running_var, None, None, True, count_batch(layer), layer.eps)
     return layer(y)
 
 
+def _layer(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    return _run(_kind(layer), layer, y)
+
+
 # --- candidates ---------------------------------------------------------------------------------
-def _layers_after_relu(op: nn.Module) -> list[nn.Module] | None:
-    """The layers `op.after_relu` runs, when op is a `ReLUSequential` (or a `StartsWithReLU` that wraps one
-    as `.op`, as SepConv and DilConv do) ending in a plain batch norm; else None (the op runs as declared)."""
-    if not isinstance(op, StartsWithReLU):
-        return None
+_CHAINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _chain(op: nn.Module) -> tuple[tuple[tuple[int, nn.Module], ...], nn.Module] | None:
+    """The layers `op.after_relu` runs, each with its kind, and the batch norm it ends in, when op is a
+    `ReLUSequential` (or a `StartsWithReLU` that wraps one as `.op`, as SepConv and DilConv do) ending in a
+    non-affine batch norm; else None (the op runs as declared). Worked out once per module."""
+    if op in _CHAINS:
+        return _CHAINS[op]
+    chain = None
     seq = op if isinstance(op, ReLUSequential) else getattr(op, "op", None)
-    if not isinstance(seq, ReLUSequential):
-        return None
-    layers = list(seq)[1:]
-    return layers if len(layers) > 1 and _plain(layers[-1]) else None
+    if isinstance(op, StartsWithReLU) and isinstance(seq, ReLUSequential):
+        layers = list(seq)[1:]
+        if len(layers) > 1 and _kind(layers[-1]) == BATCH_NORM:
+            chain = tuple((_kind(layer), layer) for layer in layers[:-1]), layers[-1]
+    _CHAINS[op] = chain
+    return chain
 
 
-def _factorized_reduce(fr: FactorizedReduce, r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """w * FactorizedReduce(x) given r = ReLU(x)."""
+def _factorized_reduce(fr: FactorizedReduce, r: torch.Tensor) -> tuple[torch.Tensor, nn.Module]:
+    """FactorizedReduce(x) given r = ReLU(x), before its batch norm; and that batch norm."""
     h, wd = r.shape[-2:]
     # on even sides the shifted branch never samples FactorizedReduce's padding: skip the copy
     shifted = r[:, :, 1:, 1:] if h % 2 == 0 and wd % 2 == 0 else F.pad(r, (0, 1, 0, 1))[:, :, 1:, 1:]
-    y = torch.cat([fr.conv_1(r), fr.conv_2(shifted)], dim=1)
-    if LEVERS["bn_weighted"] and _plain(fr.bn):
-        return weighted_batch_norm(y, fr.bn, w)
-    return w * fr.bn(y)
+    return torch.cat([fr.conv_1(r), fr.conv_2(shifted)], dim=1), fr.bn
 
 
 class _State:
@@ -372,8 +406,8 @@ def cell_nodes(cell: nn.Module, states: Sequence[torch.Tensor], plan) -> list[to
                 readers.setdefault((space.edges[e][1], space.ops[k]), []).append(e)
     nodes = []
     for node_plan in plan:
-        total = None
-        for (e, k), w in zip(node_plan.pairs, node_plan.weights.unbind(0)):
+        total = scales = None
+        for i, ((e, k), w) in enumerate(zip(node_plan.pairs, node_plan.weights.unbind(0))):
             name = space.ops[k]
             st = info[space.edges[e][1]]
             x = st.x
@@ -393,14 +427,21 @@ def cell_nodes(cell: nn.Module, states: Sequence[torch.Tensor], plan) -> list[to
             if shared is not None:
                 total = torch.addcmul(total, w, shared) if total is not None else w * shared
                 continue
-            layers = _layers_after_relu(op)
+            chain = _chain(op)
+            bn = None
             if isinstance(op, FactorizedReduce):
-                term = _factorized_reduce(op, st.relu(), w)
-            elif layers is not None:
+                y, bn = _factorized_reduce(op, st.relu())
+            elif chain is not None:
                 y = st.relu()
-                for layer in layers[:-1]:
-                    y = _layer(layer, y)
-                term = weighted_batch_norm(y, layers[-1], w) if LEVERS["bn_weighted"] else w * layers[-1](y)
+                for kind, layer in chain[0]:
+                    y = _run(kind, layer, y)
+                bn = chain[1]
+            if bn is not None and LEVERS["bn_weighted"] and _plain(bn):
+                if scales is None:
+                    scales = channel_scales(node_plan.weights, y.shape[1])
+                term = weighted_batch_norm(y, bn, scales[i])
+            elif bn is not None:
+                term = w * bn(y)
             elif isinstance(op, StartsWithReLU):
                 term = w * op.after_relu(st.relu())
             else:
