@@ -19,13 +19,12 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import append_csv, row  # noqa: E402
+from bench.common import append_csv, interleaved, row  # noqa: E402
 from supernet.meta import Episode, EpisodeSampler, MetaConfig, MetaLearner, load_omniglot  # noqa: E402
 from supernet.meta.run import build_network  # noqa: E402
 
@@ -68,15 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         config = MetaConfig(method=method, n_way=N_WAY, k_shot=K_SHOT, image_size=IMAGE_SIZE)
         batches, source = episodes(a.data_dir, config, a.runs + 1)
         providers = {"reference": learner(config, folded=False), "folded": learner(config, folded=True)}
-        times: dict[str, list[float]] = {name: [] for name in providers}
-        cpu: dict[str, list[float]] = {name: [] for name in providers}
-        for i, batch in enumerate(batches):
-            for name, lr in providers.items():  # in turn, so load from other processes falls on both alike
-                c0, t0 = time.process_time(), time.perf_counter()
-                lr.meta_step(batch)
-                if i:  # the first step warms up
-                    times[name].append((time.perf_counter() - t0) * 1e3)
-                    cpu[name].append((time.process_time() - c0) * 1e3)
+        # one iterator of the same batches per provider: run i gives every provider batch i (run 0 warms up)
+        steps = {name: (lambda lr=lr, it=iter(batches): lr.meta_step(next(it))) for name, lr in providers.items()}
+        times, cpu = interleaved(steps, a.runs)
         ratios = [f / r for f, r in zip(times["folded"], times["reference"])]
         cpu_ratios = [f / r for f, r in zip(cpu["folded"], cpu["reference"])]
         print(f"== {method}: {N_WAY}-way {K_SHOT}-shot {IMAGE_SIZE}x{IMAGE_SIZE}, meta_batch {config.meta_batch}, "

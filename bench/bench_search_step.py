@@ -4,7 +4,8 @@
                                                     [--others] [--saved-only]
 
 Providers, timed interleaved in one process (ABAB...), ratios against `darts_ref` (tests/darts_reference.py:
-DARTS's model_search.Network op for op, NCHW, every candidate run separately, `none` included):
+DARTS's model_search.Network op for op, NCHW, every candidate run separately, `none` included, stepped by
+torch.optim.SGD as DARTS's train_search.py does; ours are stepped by the search loop's `weight_optimizer`):
   today:    SearchNetwork(fused=True) with the batched cell off (the per-edge path);
   batched:  SearchNetwork(fused=True) with supernet/batched_cell.py (the design);
   --levers: batched with one lever off at a time (no_channels_last, no_share_pools, ...).
@@ -19,14 +20,16 @@ import argparse
 import copy
 import statistics
 import sys
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import interleaved  # noqa: E402
 from supernet import SearchNetwork, batched_cell  # noqa: E402
 from supernet.compat.darts import from_darts  # noqa: E402
+from supernet.search_loop import weight_optimizer  # noqa: E402
 from tests.darts_reference import Network  # noqa: E402
 
 SMALL = (8, 5, 32, 16)
@@ -48,8 +51,12 @@ def saved_bytes(forward) -> int:
     return sum(seen.values())
 
 
-def make_step(net, params, x, y, enabled: bool | None = None, levers: dict | None = None):
-    opt = torch.optim.SGD(params, lr=0.025, momentum=0.9, weight_decay=3e-4)
+def make_step(net, params, x, y, enabled: bool | None = None, levers: dict | None = None, ours: bool = True):
+    """One step's closure and its forward. `ours`: the weights' optimizer the search loop builds
+    (`weight_optimizer`: fused SGD); else DARTS's plain torch.optim.SGD, with the same settings."""
+    settings = SimpleNamespace(w_lr=0.025, w_momentum=0.9, w_weight_decay=3e-4)
+    opt = (weight_optimizer(params, settings) if ours else
+           torch.optim.SGD(params, lr=settings.w_lr, momentum=settings.w_momentum, weight_decay=settings.w_weight_decay))
 
     def setup():
         if enabled is not None:
@@ -70,25 +77,6 @@ def make_step(net, params, x, y, enabled: bool | None = None, levers: dict | Non
     return step, forward
 
 
-def interleaved(fns: dict, runs: int, warmup: int = 1) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Wall and process-CPU milliseconds per call, providers in turn (ABAB). On a shared machine the CPU time
-    (all threads of this process) is the steadier figure: it leaves out time spent preempted."""
-    times = {k: [] for k in fns}
-    cpu = {k: [] for k in fns}
-    for i in range(warmup + runs):
-        for name, fn in fns.items():
-            torch.manual_seed(i)
-            c0 = time.process_time()
-            t0 = time.perf_counter()
-            fn()
-            dt = time.perf_counter() - t0
-            dc = time.process_time() - c0
-            if i >= warmup:
-                times[name].append(dt * 1e3)
-                cpu[name].append(dc * 1e3)
-    return times, cpu
-
-
 def darts_cases(cfg, levers: bool):
     c, layers, batch, side = cfg
     torch.manual_seed(0)
@@ -101,7 +89,7 @@ def darts_cases(cfg, levers: bool):
     net.train()
     x = torch.randn(batch, 3, side, side)
     y = torch.randint(0, 10, (batch,))
-    provs = {"darts_ref": make_step(ref, list(ref.parameters()), x, y, enabled=False)}
+    provs = {"darts_ref": make_step(ref, list(ref.parameters()), x, y, enabled=False, ours=False)}
     today = copy.deepcopy(net)
     provs["today"] = make_step(today, today.weight_parameters(), x, y, enabled=False)
     provs["batched"] = make_step(net, net.weight_parameters(), x, y, enabled=True)
@@ -128,7 +116,7 @@ def other_cases(cfg):
 
 
 def report(label: str, provs: dict, runs: int, base: str, saved: bool = True) -> None:
-    times, cpu = interleaved({k: v[0] for k, v in provs.items()}, runs)
+    times, cpu = interleaved({k: v[0] for k, v in provs.items()}, runs, before=torch.manual_seed)
     med = {k: statistics.median(v) for k, v in times.items()}
     cmed = {k: statistics.median(v) for k, v in cpu.items()}
     print(f"== {label}  threads={torch.get_num_threads()} runs={runs}")

@@ -56,26 +56,36 @@ def time_quantiles(fn: Callable[[], object], device: str, warmup: int = 3, min_r
     return tuple(float(v) for v in q)
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], device: str, runs: int = 10, warmup: int = 2,
-                     before: Callable[[int], object] | None = None) -> dict[str, tuple[float, float, float]]:
-    """Milliseconds at QUANTILES per provider, timing the providers in turn (ABAB...), so that load from
-    other processes on a shared machine falls on all of them alike. `before(i)` runs untimed before
-    each call (e.g. to seed the same random path for every provider)."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
+def interleaved(fns: dict[str, Callable[[], object]], runs: int, warmup: int = 1, device: str = "cpu",
+                before: Callable[[int], object] | None = None) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and process-CPU milliseconds of each timed call per provider, the providers in turn (ABAB...), so
+    that load from other processes on a shared machine falls on all of them alike. `before(i)` runs untimed
+    before each call of run i (e.g. to seed the same random path for every provider). On a shared machine the
+    CPU time (all threads of this process) is the steadier figure: it leaves out time spent preempted."""
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
     for i in range(warmup + runs):
         for name, fn in fns.items():
             if before is not None:
                 before(i)
             if device == "cuda":
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
             if device == "cuda":
                 torch.cuda.synchronize()
             if i >= warmup:
-                times[name].append((time.perf_counter() - t0) * 1e3)
+                wall[name].append((time.perf_counter() - t0) * 1e3)
+                cpu[name].append((time.process_time() - c0) * 1e3)
+    return wall, cpu
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: str, runs: int = 10, warmup: int = 2,
+                     before: Callable[[int], object] | None = None) -> dict[str, tuple[float, float, float]]:
+    """Wall milliseconds at QUANTILES per provider, timed by `interleaved`."""
+    wall, _ = interleaved(fns, runs, warmup, device, before)
     q = torch.tensor(QUANTILES)
-    return {name: tuple(float(v) for v in torch.tensor(t).quantile(q)) for name, t in times.items()}
+    return {name: tuple(float(v) for v in torch.tensor(t).quantile(q)) for name, t in wall.items()}
 
 
 def row(bench: str, case: str, mode: str, provider: str, quantiles: tuple[float, float, float], device: str,

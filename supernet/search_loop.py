@@ -147,6 +147,34 @@ def count_non_finite(state: Any) -> int:
     return sum(1 for t in _tensors(state) if not bool(torch.isfinite(t).all()))
 
 
+class WeightSGD(torch.optim.SGD):
+    """torch's SGD, fused (one call over every tensor) where torch has the kernel for the weights: the per-tensor
+    loop cost about 15 ms of a 470 ms step at the small DARTS config (889 tensors). The update is the same up to
+    rounding.
+
+    The fused kernel needs every tensor it steps to have a momentum buffer, or none to. A weight that gets its
+    first gradient after the first step (an op that GDAS or SPOS had not sampled before) starts from a zero
+    buffer, which with dampening 0 gives per-tensor SGD's first update (buffer = gradient)."""
+
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float) -> None:
+        params = list(params)
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused or None)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            if group["fused"] and group["momentum"] and self.state:
+                for p in group["params"]:
+                    if p.grad is not None and "momentum_buffer" not in self.state.get(p, ()):
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        return super().step(closure)
+
+
+def weight_optimizer(params, config) -> WeightSGD:
+    return WeightSGD(params, lr=config.w_lr, momentum=config.w_momentum, weight_decay=config.w_weight_decay)
+
+
 class Searcher:
     """The bilevel search loop with checkpoints. `run()` trains to the end and returns the genotype.
 
@@ -188,8 +216,7 @@ class Searcher:
         self.ctx = architect.StepContext(model=self.model, autocast=self.precision.autocast,
                                          scale=self.precision.scale,
                                          reduce=self._reduce if self.world > 1 else architect._no_reduce)
-        self.w_opt = torch.optim.SGD(self.net.weight_parameters(), lr=config.w_lr, momentum=config.w_momentum,
-                                     weight_decay=config.w_weight_decay)
+        self.w_opt = weight_optimizer(self.net.weight_parameters(), config)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.w_opt, T_max=config.epochs,
                                                                     eta_min=config.w_lr_min)
         self.learns_alphas = config.method_spec.learns_alphas

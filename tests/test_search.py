@@ -10,7 +10,7 @@ import torch
 import supernet
 from supernet import data, runs
 from supernet.search_config import METHODS, SearchConfig
-from supernet.search_loop import DivergenceError, Searcher
+from supernet.search_loop import DivergenceError, Searcher, weight_optimizer
 
 TINY = dict(C=4, layers=3, epochs=2, batch_size=16, steps_per_epoch=2, max_train=128, spos_candidates=3,
             retrain_epochs=0)
@@ -31,6 +31,28 @@ def stop_at(global_step):
         if searcher.epoch * searcher.steps + searcher.step == global_step:
             raise Interrupt
     return callback
+
+
+def test_the_weights_step_is_torchs_sgd_up_to_rounding():
+    """The search loop's fused SGD (momentum, weight decay) moves the weights as torch's per-tensor SGD does,
+    also for a weight that gets its first gradient steps after the others (an op GDAS had not sampled yet)."""
+    torch.manual_seed(0)
+    config = SearchConfig(**TINY)
+    shapes = [(8, 4, 3, 3), (8,), (3, 5)]
+    ours = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    plain = [p.detach().clone().requires_grad_() for p in ours]
+    opt = weight_optimizer(ours, config)
+    ref = torch.optim.SGD(plain, lr=config.w_lr, momentum=config.w_momentum, weight_decay=config.w_weight_decay)
+    assert opt.defaults["fused"]
+    for step in range(6):
+        for i, (p, q) in enumerate(zip(ours, plain)):
+            late = i == 2 and step < 3
+            p.grad = None if late else torch.randn_like(p)
+            q.grad = None if late else p.grad.clone()
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, plain):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
