@@ -6,7 +6,8 @@ Forward + backward (or the one gradient a rule chooses), median of R calls after
 channels_last inputs. Prints ms per provider and each provider's ratio to oneDNN's own call ("aten"):
   strided dilated depthwise (stride 2, dilation 2): aten vs `subsampled` (a stride-1 conv of every other pixel);
   depthwise weight gradient (stride 1): aten vs `split` (3x3 pieces) vs `as_conv` (the gradient as kernel);
-  1x1 conv: aten vs `mm` (one matmul) vs `pairs` (two pixels a row against a block-diagonal weight).
+  1x1 conv: aten vs `mm` (one matmul) vs `pairs` (two pixels a row against a block-diagonal weight);
+  one conv candidate on 4 edges leaving a state: `separate` chains vs one `stacked` chain (ratios to separate).
 The rule comments in batched_cell.py quote these figures; rerun it where the CPU differs.
 """
 
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from supernet import batched_cell as bc  # noqa: E402
+from supernet.ops import OPS  # noqa: E402
 
 CL = torch.channels_last
 SHAPES = [(32, 8, 16, 16), (32, 16, 8, 8), (32, 32, 4, 4), (64, 16, 32, 32), (64, 32, 16, 16), (64, 64, 8, 8)]
@@ -39,9 +41,9 @@ def median_ms(fn, reps: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def report(label: str, providers: dict, reps: int) -> None:
+def report(label: str, providers: dict, reps: int, base: str = "aten") -> None:
     ms = {name: median_ms(fn, reps) for name, fn in providers.items()}
-    print(f"{label:34s} " + "  ".join(f"{k} {v:7.3f} ms ({v / ms['aten']:.2f})" for k, v in ms.items()), flush=True)
+    print(f"{label:34s} " + "  ".join(f"{k} {v:7.3f} ms ({v / ms[base]:.2f})" for k, v in ms.items()), flush=True)
 
 
 def strided_dilated(shape, k: int, reps: int) -> None:
@@ -82,6 +84,31 @@ def pointwise(shape, reps: int) -> None:
     report(f"1x1 {shape} [{bc.pointwise_pixels_per_row(*shape)} px/row]", providers, reps)
 
 
+def stacked_edges(shape, name: str, edges: int, reps: int) -> None:
+    """One candidate on `edges` edges leaving one state, forward + backward: each edge's chain in turn
+    ("separate") vs one chain over the edges stacked along channels ("stacked")."""
+    n, c, h, w = shape
+    x = torch.randn(n, c, h, w).contiguous(memory_format=CL).requires_grad_()
+    chains = [bc._chain(OPS.get(name)(c, 1, False)) for _ in range(edges)]
+    weights = torch.rand(edges, requires_grad=True)
+
+    def separate():
+        r = torch.relu(x)
+        total = 0
+        for i, (layers, bn) in enumerate(chains):
+            y = r
+            for kind, layer in layers:
+                y = bc._run(kind, layer, y)
+            total = total + bc.weighted_batch_norm(y, bn, weights[i].expand(y.shape[1]).contiguous()).sum()
+        total.backward()
+
+    def stacked():
+        sum(t.sum() for t in bc._stacked_chains(chains, torch.relu(x), weights)).backward()
+
+    rule = "stacked" if n * h * w <= bc.STACK_MAX_PIXELS else "separate"
+    report(f"{name} x{edges} {shape} [{rule}]", {"separate": separate, "stacked": stacked}, reps, "separate")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1)
@@ -96,6 +123,9 @@ def main(argv=None) -> int:
             weight_gradient(shape, k, dilation, a.reps)
     for shape in SHAPES:
         pointwise(shape, a.reps)
+    for shape in SHAPES:
+        for name in ("sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5"):
+            stacked_edges(shape, name, 4, a.reps)
     return 0
 
 

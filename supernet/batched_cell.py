@@ -15,6 +15,9 @@ float rounding) as the per-edge path of `SearchCell.forward`, computed so:
     Batch norm's backward needs only y and its statistics (already saved), and gives d/dw =
     sum(g * BN(y)) through the scale's gradient, so neither BN(y) nor w * BN(y) is stored. Node sums are
     plain adds, which store nothing; the shared pool/skip outputs are stored once per state (addcmul).
+  * state by state: the terms of every edge leaving a state, candidate by candidate; on small states
+    (`STACK_MAX_PIXELS`) the same conv candidate of all those edges runs as one chain over their channels
+    stacked (`_stacked_chains`: fewer, larger calls where per-call cost dominates).
   * convolutions: depthwise 'same' convs run through `_Depthwise`, whose backward takes, by a FIXED rule
     (`flip_input_grad`, `gradient_as_kernel`, `split_weight_grad`; the measurements are beside them), oneDNN's
     gradients or faster alternatives (input gradient as a forward conv with the flipped kernel; weight gradient
@@ -26,7 +29,7 @@ float rounding) as the per-edge path of `SearchCell.forward`, computed so:
     machine (a prototype timed the alternatives per shape and cached the fastest: runs then differed in
     rounding).
 
-Note: the scale passed to batch norm is `w.expand(C).contiguous()`: with the stride-0 expand itself,
+Note: the scale passed to batch norm is a contiguous copy of w expanded over C: with the stride-0 expand itself,
 torch 2.13's CPU batch-norm backward on channels_last inputs returned wrong gradients inside the network
 (alphas' gradients off by O(1) in float64; not isolated to a small repro).
 
@@ -52,7 +55,7 @@ CL = torch.channels_last
 # Levers, switchable for measurement (bench/bench_search_step.py --levers); all on is the design.
 ENABLED = True  # the hook in SearchCell.forward; False restores the per-edge path
 LEVERS = {"channels_last": True, "share_pools": True, "share_relu": True, "bn_weighted": True, "dw_backward": True,
-          "pw_matmul": True, "dilated_stride": True}
+          "pw_matmul": True, "dilated_stride": True, "stack_edges": True}
 
 
 def serves(x: torch.Tensor) -> bool:
@@ -206,20 +209,34 @@ def _grad_weight_as_conv(x: torch.Tensor, g: torch.Tensor, k: int, dilation: int
     return out.view(n, c, k, k).sum(0).unsqueeze(1)
 
 
+def repeat_channels(x: torch.Tensor, copies: int) -> torch.Tensor:
+    """`copies` copies of a channels_last x side by side along channels (copy-major), channels_last."""
+    return torch.cat([x] * copies, dim=1)
+
+
+def sum_copies(g: torch.Tensor, copies: int) -> torch.Tensor:
+    """The gradient of `repeat_channels`: the sum of the copies' gradients."""
+    parts = g.chunk(copies, dim=1)
+    return sum(parts[1:], parts[0])
+
+
 class _Depthwise(torch.autograd.Function):
-    """A depthwise conv (F.conv2d forward) whose backward takes, by the fixed rules above, oneDNN's own
-    gradients or the faster alternatives."""
+    """A depthwise conv (F.conv2d forward) of x, or of `copies` copies of x side by side along channels (edges
+    stacked), whose backward takes, by the fixed rules above, oneDNN's own gradients or the faster alternatives.
+    Only x is saved: the copies are made again in backward (cheaper than keeping them)."""
 
     @staticmethod
-    def forward(ctx, x, w, stride, padding, dilation):
+    def forward(ctx, x, w, stride, padding, dilation, copies=1):
         ctx.save_for_backward(x, w)
-        ctx.conf = (stride, padding, dilation)
+        ctx.conf = (stride, padding, dilation, copies)
+        x = repeat_channels(x, copies) if copies > 1 else x
         return F.conv2d(x, w, None, stride, padding, dilation, x.shape[1])
 
     @staticmethod
     def backward(ctx, g):
         x, w = ctx.saved_tensors
-        stride, padding, dilation = ctx.conf
+        stride, padding, dilation, copies = ctx.conf
+        x = repeat_channels(x, copies) if copies > 1 else x
         c, k = x.shape[1], w.shape[-1]
         need_x, need_w = ctx.needs_input_grad[:2]
         gx = gw = None
@@ -228,6 +245,7 @@ class _Depthwise(torch.autograd.Function):
                 gx = F.conv2d(g, w.flip(2, 3), None, 1, padding, dilation, c)
             else:
                 gx = _aten_grads(g, x, w, stride, padding, dilation, [True, False, False])[0]
+            gx = sum_copies(gx, copies) if copies > 1 else gx
         if need_w:
             if gradient_as_kernel(k, stride, dilation, x.shape):
                 gw = _grad_weight_as_conv(x, g, k, dilation)
@@ -235,7 +253,7 @@ class _Depthwise(torch.autograd.Function):
                 gw = _grad_weight_split(x, g, k, dilation)
             else:
                 gw = _aten_grads(g, x, w, stride, padding, dilation, [False, True, False])[1]
-        return gx, gw, None, None, None
+        return gx, gw, None, None, None, None
 
 
 def _is_same_depthwise(conv: nn.Module) -> bool:
@@ -292,17 +310,25 @@ def subsampled_depthwise(stride: int, padding: int, dilation: int) -> bool:
     return stride > 1 and dilation % stride == 0 and padding % stride == 0
 
 
-def _depthwise(y: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+def _depthwise(y: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor | None = None, copies: int = 1) -> torch.Tensor:
+    """conv(y) for a 'same' depthwise conv; or that conv's geometry with another `weight` over `copies` copies
+    of y side by side (stacked edges)."""
     stride, padding, dilation = conv.stride[0], conv.padding[0], conv.dilation[0]
     if LEVERS["dilated_stride"] and subsampled_depthwise(stride, padding, dilation):
         y = to_channels_last(y[:, :, ::stride, ::stride])
         stride, padding, dilation = 1, padding // stride, dilation // stride
-    return _Depthwise.apply(y, conv.weight, stride, padding, dilation)
+    return _Depthwise.apply(y, conv.weight if weight is None else weight, stride, padding, dilation, copies)
+
+
+def _pointwise(y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A 1x1 conv of a channels_last y with a (C_out, C_in) weight, by the pointwise rule."""
+    pixels = pointwise_pixels_per_row(*y.shape)
+    return _pointwise_mm(y, weight, pixels) if pixels else F.conv2d(y, weight[:, :, None, None])
 
 
 # What kind of layer each layer of a candidate is, decided once per candidate module (`_chain`): deciding it
 # again for every layer of every candidate in every step cost more Python time than some of the calls.
-DEPTHWISE, POINTWISE, RELU, BATCH_NORM, MODULE = range(5)
+DEPTHWISE, POINTWISE, CONV, RELU, BATCH_NORM, MODULE = range(6)
 
 
 def _kind(layer: nn.Module) -> int:
@@ -310,6 +336,8 @@ def _kind(layer: nn.Module) -> int:
         return DEPTHWISE
     if _is_pointwise(layer):
         return POINTWISE
+    if isinstance(layer, nn.Conv2d) and layer.groups == 1 and layer.bias is None and layer.padding_mode == "zeros":
+        return CONV  # nb201's nor_conv_3x3: run as declared, stacked as one conv
     if isinstance(layer, nn.ReLU):
         return RELU
     return BATCH_NORM if isinstance(layer, nn.BatchNorm2d) and not layer.affine else MODULE
@@ -391,65 +419,188 @@ def _stride(pool: nn.Module) -> int:
     return pool.stride if isinstance(pool.stride, int) else pool.stride[0]
 
 
+# --- candidates of one kind on several edges, stacked along channels ------------------------------
+# The edges leaving one state apply the same candidate (e.g. sep_conv_3x3) with their own weights to the same
+# ReLU(state). Stacked along channels (edge-major), E edges' chains run as one: the first depthwise conv on E
+# copies of the input, every later depthwise conv over E*C channels, pointwise convs as one matmul against the
+# edges' weights side by side (the first) or block-diagonal (later ones), batch norms over E*C channels (per
+# channel, so the same statistics as per edge). On the small config's 8x8 and 4x4 stages, where per-call cost
+# dominates, a stack of 4 sep_conv edges ran forward + backward in 0.63-0.85x the time of 4 separate chains.
+# Where the state has more than STACK_MAX_PIXELS (N*H*W) the arithmetic outweighs the calls saved, and the
+# stacked chain lost (16x16, N 32: 0.94-1.43x the separate chains' time): there the edges run one by one.
+STACK_MAX_PIXELS = 2048
+_STACKABLE_LAYERS = (DEPTHWISE, POINTWISE, RELU, BATCH_NORM)
+
+
+def _stackable(chain) -> bool:
+    """Whether a candidate's chain may run stacked with the same candidate of other edges."""
+    layers, final = chain
+    return (LEVERS["stack_edges"] and LEVERS["dw_backward"] and LEVERS["pw_matmul"] and LEVERS["bn_weighted"]
+            and layers[0][0] in (DEPTHWISE, POINTWISE, CONV)
+            and all(kind in _STACKABLE_LAYERS for kind, _ in layers[1:])
+            and all(_plain(layer) and layer.momentum is not None for kind, layer in layers if kind == BATCH_NORM)
+            and _plain(final) and final.momentum is not None)
+
+
+class _BlockDiagonalPointwise(torch.autograd.Function):
+    """1x1 convs of E edges stacked along the channels of a channels_last y (edge-major), with weights (E, O, C):
+    one matmul against the block-diagonal weight, which is built again in backward rather than saved."""
+
+    @staticmethod
+    def forward(ctx, y, weights):
+        n, _, h, w = y.shape
+        rows = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
+        ctx.save_for_backward(rows, weights)
+        out = torch.mm(rows, torch.block_diag(*weights).t())
+        return out.view(n, h, w, -1).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, g):
+        rows, weights = ctx.saved_tensors
+        e, o, c = weights.shape
+        n, _, h, w = g.shape
+        g_rows = g.permute(0, 2, 3, 1).reshape(-1, e * o)
+        gy = gw = None
+        if ctx.needs_input_grad[0]:
+            gy = torch.mm(g_rows, torch.block_diag(*weights)).view(n, h, w, -1).permute(0, 3, 1, 2)
+        if ctx.needs_input_grad[1]:
+            full = torch.mm(g_rows.t(), rows)  # (E*O, E*C): the diagonal blocks are the edges' gradients
+            gw = torch.stack([full[i * o:(i + 1) * o, i * c:(i + 1) * c] for i in range(e)])
+        return gy, gw
+
+
+def _stacked_batch_norm(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d], scale: torch.Tensor | None) -> torch.Tensor:
+    """The E plain batch norms `bns` of E edges stacked along y's channels, as one; `scale`: the mixing weights
+    over the channels (or None). Each module's running statistics move as its own batch norm would move them."""
+    first = bns[0]
+    factor = count_batch(first)
+    for bn in bns[1:]:
+        count_batch(bn)  # the same momentum (`_stackable`): the same factor
+    if first.running_mean is None or len(bns) == 1:
+        return F.batch_norm(y, first.running_mean, first.running_var, scale, None, True, factor, first.eps)
+    mean = torch.cat([bn.running_mean for bn in bns])
+    var = torch.cat([bn.running_var for bn in bns])
+    out = F.batch_norm(y, mean, var, scale, None, True, factor, first.eps)
+    with torch.no_grad():
+        for bn, m, v in zip(bns, mean.chunk(len(bns)), var.chunk(len(bns))):
+            bn.running_mean.copy_(m)
+            bn.running_var.copy_(v)
+    return out
+
+
+def _stacked_chains(chains: Sequence, r: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """w_e * chain_e(r) for E stackable chains of the same candidate given r = ReLU(state) and their mixing
+    weights (E,): one chain over E*C channels, split per edge (views)."""
+    n = len(chains)
+    y = r
+    for step, layers in enumerate(zip(*(chain[0] for chain in chains))):
+        kind, first = layers[0]
+        modules = [layer for _, layer in layers]
+        if kind == DEPTHWISE:  # the first on E copies of the input, edge-major along channels
+            weight = first.weight if n == 1 else torch.cat([m.weight for m in modules])
+            y = _depthwise(y, first, weight, copies=n if step == 0 else 1)
+        elif kind == POINTWISE:
+            flat = [m.weight.flatten(1) for m in modules]
+            if step == 0 or n == 1:  # one input for every edge: their weights one above the other
+                y = _pointwise(y, flat[0] if n == 1 else torch.cat(flat))
+            else:
+                y = _BlockDiagonalPointwise.apply(y, torch.stack(flat))
+        elif kind == CONV:  # the first layer only (`_stackable`): the edges' kernels one above the other
+            weight = first.weight if n == 1 else torch.cat([m.weight for m in modules])
+            y = F.conv2d(y, weight, None, first.stride, first.padding, first.dilation)
+        elif kind == RELU:
+            y = torch.relu(y)
+        else:
+            y = _stacked_batch_norm(y, modules, None)
+    c = y.shape[1] // n
+    scale = weights[:, None].expand(n, c).reshape(-1)  # a contiguous copy: see the module's note
+    return _stacked_batch_norm(y, [chain[1] for chain in chains], scale).split(c, dim=1)
+
+
 # --- the cell -----------------------------------------------------------------------------------
 def cell_nodes(cell: nn.Module, states: Sequence[torch.Tensor], plan) -> list[torch.Tensor]:
     """The intermediate nodes of a `SearchCell` (in order), given its preprocessed input states and a plan:
-    per node, `pairs` [(edge, op index)] and `weights` (one per pair)."""
+    per node, `pairs` [(edge, op index)] and `weights` (one per pair).
+
+    Computed state by state (a node becomes a state once every edge into it is summed): the terms of every
+    edge leaving a state, candidate by candidate, so that one candidate's edges can run stacked. Each node
+    still sums its terms in its pairs' order."""
     space, edges = cell.space, cell.edges
     states = [to_channels_last(s) for s in states]
     info = [_State(s) for s in states]
+    n_in = len(states)
     # Which edges read each (state, pool) in this plan: their batch norms share one normalisation.
     readers: dict[tuple[int, str], list[int]] = {}
-    for node_plan in plan:
-        for e, k in node_plan.pairs:
+    # The pairs leaving each state, per candidate: (node, position in the node's pairs, edge).
+    leaving: dict[int, dict[int, list[tuple[int, int, int]]]] = {}
+    for j, node_plan in enumerate(plan):
+        for i, (e, k) in enumerate(node_plan.pairs):
+            src = space.edges[e][1]
+            leaving.setdefault(src, {}).setdefault(k, []).append((j, i, e))
             if space.ops[k] in dispatch.POOLS:
-                readers.setdefault((space.edges[e][1], space.ops[k]), []).append(e)
-    nodes = []
-    for node_plan in plan:
-        total = scales = None
-        for i, ((e, k), w) in enumerate(zip(node_plan.pairs, node_plan.weights.unbind(0))):
-            name = space.ops[k]
-            st = info[space.edges[e][1]]
-            x = st.x
-            edge = edges[e]
-            op = edge.ops[name]
-            shared = None
-            if isinstance(op, Identity):
-                shared = x
-            elif name in dispatch.POOLS and LEVERS["share_pools"]:
-                pool = pool_parts(op)[0]
-                key = (name, _stride(pool))
-                shared = st.pools.get(key)
-                if shared is None:
-                    bns = _pool_bns(edges, readers[(space.edges[e][1], name)], name)
-                    if bns is not None:
-                        shared = st.pools[key] = shared_batch_norm(pool(x), bns) if bns else pool(x)
-            if shared is not None:
-                total = torch.addcmul(total, w, shared) if total is not None else w * shared
-                continue
-            chain = _chain(op)
-            bn = None
-            if isinstance(op, FactorizedReduce):
-                y, bn = _factorized_reduce(op, st.relu())
-            elif chain is not None:
-                y = st.relu()
-                for kind, layer in chain[0]:
-                    y = _run(kind, layer, y)
-                bn = chain[1]
-            if bn is not None and LEVERS["bn_weighted"] and _plain(bn):
-                if scales is None:
-                    scales = channel_scales(node_plan.weights, y.shape[1])
-                term = weighted_batch_norm(y, bn, scales[i])
-            elif bn is not None:
-                term = w * bn(y)
-            elif isinstance(op, StartsWithReLU):
-                term = w * op.after_relu(st.relu())
-            else:
-                term = w * op(x)
-            total = term if total is None else total + term
+                readers.setdefault((src, space.ops[k]), []).append(e)
+    weights = [node_plan.weights.unbind(0) for node_plan in plan]
+    totals: list[torch.Tensor | None] = [None] * len(plan)
+    scales: list = [None] * len(plan)
+
+    def add(j: int, term: torch.Tensor) -> None:
+        totals[j] = term if totals[j] is None else totals[j] + term
+
+    def finish(j: int) -> torch.Tensor:
+        total = totals[j]
         if total is None:  # every chosen op is `none`
             ref = states[0]
-            total = ref[:, :, ::2, ::2].mul(0.0) if cell.reduction else ref.mul(0.0)
-        nodes.append(total)
-        info.append(_State(total))
-    return nodes
+            return ref[:, :, ::2, ::2].mul(0.0) if cell.reduction else ref.mul(0.0)
+        return to_channels_last(total)
+
+    for src in range(n_in + len(plan) - 1):
+        if src >= n_in:  # every edge into node src - n_in is summed: it is a state now
+            info.append(_State(finish(src - n_in)))
+        st = info[src]
+        x = st.x
+        for k in sorted(leaving.get(src, {})):
+            name, group = space.ops[k], leaving[src][k]
+            ops = [edges[e].ops[name] for _, _, e in group]
+            chains = [_chain(op) for op in ops]
+            small = x.shape[0] * x.shape[2] * x.shape[3] <= STACK_MAX_PIXELS
+            if len(group) > 1 and small and all(chain is not None and _stackable(chain) for chain in chains):
+                w = torch.stack([weights[j][i] for j, i, _ in group])
+                for (j, _, _), term in zip(group, _stacked_chains(chains, st.relu(), w)):
+                    add(j, term)
+                continue
+            for (j, i, _), op, chain in zip(group, ops, chains):
+                w = weights[j][i]
+                shared = None
+                if isinstance(op, Identity):
+                    shared = x
+                elif name in dispatch.POOLS and LEVERS["share_pools"]:
+                    pool = pool_parts(op)[0]
+                    key = (name, _stride(pool))
+                    shared = st.pools.get(key)
+                    if shared is None:
+                        bns = _pool_bns(edges, readers[(src, name)], name)
+                        if bns is not None:
+                            shared = st.pools[key] = shared_batch_norm(pool(x), bns) if bns else pool(x)
+                if shared is not None:
+                    totals[j] = torch.addcmul(totals[j], w, shared) if totals[j] is not None else w * shared
+                    continue
+                bn = None
+                if isinstance(op, FactorizedReduce):
+                    y, bn = _factorized_reduce(op, st.relu())
+                elif chain is not None:
+                    y = st.relu()
+                    for kind, layer in chain[0]:
+                        y = _run(kind, layer, y)
+                    bn = chain[1]
+                if bn is not None and LEVERS["bn_weighted"] and _plain(bn):
+                    if scales[j] is None:
+                        scales[j] = channel_scales(plan[j].weights, y.shape[1])
+                    term = weighted_batch_norm(y, bn, scales[j][i])
+                elif bn is not None:
+                    term = w * bn(y)
+                elif isinstance(op, StartsWithReLU):
+                    term = w * op.after_relu(st.relu())
+                else:
+                    term = w * op(x)
+                add(j, term)
+    return [state.x for state in info[n_in:]] + [finish(len(plan) - 1)]

@@ -161,6 +161,63 @@ def test_depthwise_backward_alternatives_equal_the_conv_gradients(k, dilation, s
         torch.testing.assert_close(as_conv, expected[1], rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("copies,stride,dilation", [(3, 1, 1), (2, 1, 2), (4, 2, 1)])
+def test_depthwise_conv_of_input_copies_equals_the_conv_of_the_repeated_input(copies, stride, dilation):
+    torch.manual_seed(0)
+    c, k = 3, 5
+    pad = dilation * (k - 1) // 2
+    x = torch.randn(2, c, 8, 8, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(copies * c, 1, k, k, dtype=torch.float64)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = F.conv2d(xr.repeat(1, copies, 1, 1), wr, None, stride, pad, dilation, copies * c)
+    g = torch.randn_like(y)
+    expected = torch.autograd.grad(y, (xr, wr), g)
+    xb, wb = x.clone().requires_grad_(), w.clone().requires_grad_()
+    out = batched_cell._Depthwise.apply(xb, wb, stride, pad, dilation, copies)
+    torch.testing.assert_close(out, y.detach(), rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(out, (xb, wb), g), expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_block_diagonal_pointwise_equals_each_edges_conv():
+    torch.manual_seed(0)
+    edges, c, o = 3, 4, 5
+    y = torch.randn(2, edges * c, 3, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    weights = torch.randn(edges, o, c, dtype=torch.float64)
+    yr, wr = y.clone().requires_grad_(), weights.clone().requires_grad_()
+    expected = torch.cat([F.conv2d(part, w[:, :, None, None]) for part, w in zip(yr.chunk(edges, 1), wr)], 1)
+    g = torch.randn_like(expected)
+    want = torch.autograd.grad(expected, (yr, wr), g)
+    yb, wb = y.clone().requires_grad_(), weights.clone().requires_grad_()
+    out = batched_cell._BlockDiagonalPointwise.apply(yb, wb)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, expected.detach(), rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(out, (yb, wb), g), want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_edges_are_stacked_only_on_small_states_and_give_the_per_edge_numbers(monkeypatch):
+    """The stacked chains run (a spy counts them) on the small states and not above STACK_MAX_PIXELS, and the
+    network's logits, gradients and running statistics equal the per-edge path's in float64."""
+    ref, net = _pair(C=4, layers=3)
+    x = torch.randn(4, 3, 8, 8)
+    calls = []
+    stacked = batched_cell._stacked_chains
+    monkeypatch.setattr(batched_cell, "_stacked_chains", lambda *a: calls.append(a[1].shape) or stacked(*a))
+    got = _grads(net, x, torch.float64, False)
+    assert calls and all(s[0] * s[2] * s[3] <= batched_cell.STACK_MAX_PIXELS for s in calls)
+    batched_cell.LEVERS["stack_edges"] = False
+    expected = _grads(net, x, torch.float64, False)
+    _assert_same(got, expected)
+    for k in expected[2]:
+        assert _err(got[2][k], expected[2][k]) < 1e-12, k
+    batched_cell.LEVERS["stack_edges"] = True
+    calls.clear()
+    monkeypatch.setattr(batched_cell, "STACK_MAX_PIXELS", 4 * 4 * 4 - 1)  # the last stage (2x2) only
+    _grads(net, x, torch.float64, False)
+    assert calls and all(s[2] < 4 for s in calls)
+
+
 def test_algorithm_rules_read_only_shapes():
     rule = batched_cell.split_weight_grad
     assert not rule(3, 1, 1, (32, 8, 16, 16))  # oneDNN's own fast case
