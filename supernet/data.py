@@ -161,13 +161,15 @@ def read_cifar_batch(path: Path) -> dict:
 
 @dataclass
 class Split:
-    """Normalised train / validation / test tensors (statistics from the training part only)."""
+    """Normalised train / validation / test tensors (statistics from the training part only). `black`: the
+    normalised value of a zero pixel per channel (C,), what a crop pads with (`crop_flip`)."""
 
     train: Pair
     val: Pair
     test: Pair
     num_classes: int
     in_channels: int
+    black: torch.Tensor | None = None
 
     @property
     def train_val(self) -> Pair:
@@ -252,7 +254,8 @@ def split_data(x: torch.Tensor, y: torch.Tensor, seed: int, val_fraction: float 
         return ((pair[0] - mean) / std).contiguous(), pair[1]
 
     num_classes = int(max(y.max(), test[1].max())) + 1
-    return Split(norm(train), norm((x[val_idx], y[val_idx])), norm(test), num_classes, x.shape[1])
+    return Split(norm(train), norm((x[val_idx], y[val_idx])), norm(test), num_classes, x.shape[1],
+                 black=(-mean / std).flatten())
 
 
 def load_split(dataset: str, seed: int, data_dir: "str | Path | None" = None, data: Pair | None = None,
@@ -303,10 +306,33 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-def epoch_batches(data: Pair, batch_size: int, seed: int, epoch: int, start: int = 0) -> Iterator[Pair]:
-    """The batches of `epoch` from batch index `start` on, in the order `epoch_order` fixes."""
+def crop_flip(x: torch.Tensor, generator: torch.Generator, fill: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    """DARTS's and NAS-Bench-201's training augmentation, per image: a random crop of the image padded by `pad`
+    pixels of `fill` (per channel: the normalised black that torchvision's RandomCrop pads with), then a
+    horizontal flip with probability 1/2."""
+    n, c, h, w = x.shape
+    padded = fill.to(x.dtype).view(1, c, 1, 1).repeat(n, 1, h + 2 * pad, w + 2 * pad)
+    padded[:, :, pad:pad + h, pad:pad + w] = x
+    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator).tolist()
+    flips = (torch.rand(n, generator=generator) < 0.5).tolist()
+    out = torch.empty_like(x)
+    for i, ((dy, dx), flip) in enumerate(zip(offsets, flips)):
+        crop = padded[i, :, dy:dy + h, dx:dx + w]
+        out[i] = crop.flip(-1) if flip else crop
+    return out
+
+
+def epoch_batches(data: Pair, batch_size: int, seed: int, epoch: int, start: int = 0,
+                  augment: torch.Tensor | None = None) -> Iterator[Pair]:
+    """The batches of `epoch` from batch index `start` on, in the order `epoch_order` fixes. `augment`: the
+    `Split.black` fill with which each batch is randomly cropped and flipped (`crop_flip`), by draws that are a
+    function of (seed, epoch, batch index), so a resumed run sees the same images."""
     x, y = data
     order = epoch_order(len(x), seed, epoch)
     for step in range(start, steps_per_epoch(len(x), batch_size)):
         idx = order[step * batch_size:(step + 1) * batch_size]
-        yield x[idx], y[idx]
+        if augment is None:
+            yield x[idx], y[idx]
+        else:
+            g = torch.Generator().manual_seed((seed * 100_003 + epoch) * 1_000_003 + step)
+            yield crop_flip(x[idx], g, augment), y[idx]

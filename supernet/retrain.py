@@ -43,7 +43,8 @@ def train_from_scratch(genotype: Any, config: SearchConfig, split: data.Split, s
     bar = tqdm(total=c.retrain_epochs * steps, desc=desc, unit="step", disable=quiet, leave=False, dynamic_ncols=True)
     loss_value = float("nan")
     for epoch in range(c.retrain_epochs):
-        for x, y in data.epoch_batches(train, c.retrain_batch_size, seed, epoch):
+        for x, y in data.epoch_batches(train, c.retrain_batch_size, seed, epoch,
+                                       augment=split.black if c.augment else None):
             x, y = devices.to_device((x, y), device)
             opt.zero_grad(set_to_none=True)
             with precision.autocast():

@@ -87,6 +87,8 @@ class SearchConfig:
     max_train: int | None = None  # cap on the non-test examples (for a quick look at a large dataset)
     val_fraction: float = 0.5  # of the non-test data: the split the alphas are fitted on (DARTS: half)
     test_fraction: float = 0.2  # held out for the final accuracies (unused when the dataset has a test set)
+    augment: bool | None = None  # random 4-pixel-padded crops and flips of training batches, as DARTS and
+    #                              NAS-Bench-201 train on CIFAR-10; None: on for cifar10 only
     seed: int = 0
     C: int = 8  # initial channels of the search network (DARTS: 16)
     layers: int = 5  # cells, reductions at 1/3 and 2/3 (DARTS: 8)
@@ -155,6 +157,10 @@ class SearchConfig:
         for name in ("w_momentum", "retrain_momentum"):
             checks.number(name, getattr(self, name), non_negative=True, maximum=1.0, open_maximum=True)
         checks.optional_number("unrolled_xi", self.unrolled_xi, non_negative=True)
+        if self.augment is None:
+            self.augment = self.dataset == "cifar10"
+        if not isinstance(self.augment, bool):
+            raise ValueError(f"augment must be True or False, got {self.augment!r}")
         if not isinstance(self.retrain_nesterov, bool):
             raise ValueError(f"retrain_nesterov must be True or False, got {self.retrain_nesterov!r}")
         if self.retrain_nesterov and self.retrain_momentum == 0:

@@ -472,8 +472,9 @@ class Searcher:
                 self.net.mixing.tau = self.tau(epoch)
             if c.method_spec.decays_aux_skip:
                 self.net.mixing.beta = self.aux_skip(epoch)
-            train = data.epoch_batches(self.split.train, c.batch_size, c.seed, epoch, start=self.step)
-            val = data.epoch_batches(self.split.val, c.batch_size, c.seed + 1, epoch, start=self.step)
+            augment = self.split.black if c.augment else None  # both halves, as DARTS's search does
+            train = data.epoch_batches(self.split.train, c.batch_size, c.seed, epoch, start=self.step, augment=augment)
+            val = data.epoch_batches(self.split.val, c.batch_size, c.seed + 1, epoch, start=self.step, augment=augment)
             bar = tqdm(total=self.steps, initial=self.step, desc=f"epoch {epoch + 1}", unit="step", leave=False,
                        disable=self.quiet, dynamic_ncols=True)
             for train_batch, val_batch in zip(train, val):  # noqa: B905 (val may hold more batches than used)

@@ -46,6 +46,7 @@ def test_help_documents_every_option_and_method(capsys):
     (["--method", "nope"], "invalid choice: 'nope'"),
     (["--epochs", "abc"], "invalid int value: 'abc'"),
     (["--retrain-nesterov", "maybe"], "expected true or false, got 'maybe'"),
+    (["--augment", "sometimes"], "expected true or false, got 'sometimes'"),
 ])
 def test_malformed_options_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:

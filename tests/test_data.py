@@ -41,6 +41,38 @@ def test_epoch_order_resumes_from_a_position():
     assert not torch.equal(full[0][1], other[0][1])
 
 
+def test_crop_flip_takes_a_window_of_the_black_padded_image_flipped_or_not():
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 8, 8)
+    black = torch.tensor([-1.5, -2.0, -0.5])
+    out = data.crop_flip(x, torch.Generator().manual_seed(1), black, pad=4)
+    padded = black.view(1, 3, 1, 1).repeat(64, 1, 16, 16)
+    padded[:, :, 4:12, 4:12] = x
+    found = set()
+    for i in range(64):
+        windows = [(dy, dx, flip) for dy in range(9) for dx in range(9) for flip in (False, True)
+                   if torch.equal(out[i], padded[i, :, dy:dy + 8, dx:dx + 8].flip(-1) if flip else
+                                  padded[i, :, dy:dy + 8, dx:dx + 8])]
+        assert windows, f"image {i} is no window of its padded image"
+        found.add(windows[0][2])
+    assert found == {False, True}  # both flipped and unflipped images among 64
+    unpadded = data.crop_flip(x, torch.Generator().manual_seed(1), black, pad=0)
+    assert all(torch.equal(a, b) or torch.equal(a, b.flip(-1)) for a, b in zip(unpadded, x))
+
+
+def test_augmented_batches_are_a_function_of_seed_epoch_and_position():
+    raw = torch.rand(80, 2, 6, 6) * 255
+    raw[:, :, 0, 0] = 0  # a black pixel in every image: normalised, it is what crops pad with
+    split = data.split_data(raw, torch.arange(80) % 4, seed=0)
+    torch.testing.assert_close(split.train[0][:, :, 0, 0], split.black.expand(len(split.train[0]), 2))
+    full = list(data.epoch_batches(split.train, 8, seed=3, epoch=2, augment=split.black))
+    tail = list(data.epoch_batches(split.train, 8, seed=3, epoch=2, start=2, augment=split.black))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(full[2:], tail, strict=True))
+    plain = list(data.epoch_batches(split.train, 8, seed=3, epoch=2))
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(full, plain, strict=True))  # the same examples
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(full, plain, strict=True))  # other pixels
+
+
 def test_cifar10_is_read_from_its_python_layout(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()

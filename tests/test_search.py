@@ -82,12 +82,28 @@ def test_every_method_searches(method, split):
         assert len(searcher.net.arch_parameters()) == 4  # alphas and edge-normalisation betas
 
 
-@pytest.mark.parametrize("method, interrupt_after", [("darts", 3), ("gdas", 5), ("pc-darts", 4), ("spos", 4)])
-def test_resume_is_bit_identical(method, interrupt_after, split, tmp_path):
+def test_augmentation_is_on_for_cifar10_only_unless_chosen_and_changes_the_search(split):
+    assert SearchConfig(dataset="cifar10", data_dir="x").augment and not SearchConfig().augment
+    assert SearchConfig(augment=True).augment and not SearchConfig(dataset="cifar10", data_dir="x", augment=False).augment
+    with pytest.raises(ValueError, match="augment must be True or False"):
+        SearchConfig(augment="yes")
+    alphas = {}
+    for augment in (False, True):
+        searcher = Searcher(SearchConfig(augment=augment, **dict(TINY, epochs=1)), split)
+        searcher.run()
+        alphas[augment] = [a.detach().clone() for a in searcher.net.arch_parameters()]
+    assert not all(torch.equal(a, b) for a, b in zip(alphas[False], alphas[True]))
+
+
+@pytest.mark.parametrize("method, interrupt_after, augment", [("darts", 3, False), ("gdas", 5, False),
+                                                             ("pc-darts", 4, False), ("spos", 4, False),
+                                                             ("darts", 4, True)])
+def test_resume_is_bit_identical(method, interrupt_after, augment, split, tmp_path):
     # Checkpoints every 2 steps and at epoch ends; the interruption falls right after a checkpoint at
-    # steps 3 and 5, and one step past one at step 4, so resuming must replay that lost step exactly.
-    # (darts-2nd shares darts's path; its own extra state is none, and its steps are the slowest.)
-    config = SearchConfig(method=method, **dict(TINY, steps_per_epoch=3, checkpoint_every=2))
+    # steps 3 and 5, and one step past one at step 4, so resuming must replay that lost step exactly
+    # (with augmentation: the same crops and flips). darts-2nd shares darts's path; its own extra state is
+    # none, and its steps are the slowest.
+    config = SearchConfig(method=method, augment=augment, **dict(TINY, steps_per_epoch=3, checkpoint_every=2))
     whole = Searcher(config, split, tmp_path / "whole.pt")
     whole.run()
 

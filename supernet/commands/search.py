@@ -31,6 +31,8 @@ HELP = {
     "max_train": "use at most this many non-test examples",
     "val_fraction": "share of the non-test data the architecture is fitted on (DARTS: 0.5)",
     "test_fraction": "share held out for test accuracies (when the dataset has no test set)",
+    "augment": "random crops (4-pixel padding) and flips of the training batches, true or false (default: true "
+               "for cifar10 only, as DARTS and NAS-Bench-201 search)",
     "seed": "seed of the data split, initialisation, batch order and sampling",
     "C": "initial channels of the search network",
     "layers": "cells of the search network (reductions at 1/3 and 2/3)",
@@ -72,16 +74,17 @@ HELP = {
     "retrain_batch_size": "retraining batch size",
 }
 CHOICES = {"method": list(METHODS), "space": list_spaces(), "dataset": list(DATASETS), "precision": list(PRECISIONS)}
-OPTIONAL_TYPES = {"data_dir": str, "data_fingerprint": str, "max_train": int, "steps_per_epoch": int,
-                  "w_weight_decay": float, "a_lr": float, "arch_warmup_epochs": int, "unrolled_xi": float}
-
-
 def _boolean(text: str) -> bool:
     """'true'/'false' (also yes/no, 1/0) as a bool, for boolean options."""
     value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower())
     if value is None:
         raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
     return value
+
+
+OPTIONAL_TYPES = {"data_dir": str, "data_fingerprint": str, "max_train": int, "steps_per_epoch": int,
+                  "w_weight_decay": float, "a_lr": float, "arch_warmup_epochs": int, "unrolled_xi": float,
+                  "augment": _boolean}
 
 
 class _Explicit(argparse.Action):
