@@ -4,10 +4,16 @@ Each method searches the nb201 supernet on real data available offline (the embe
 or Omniglot's alphabets at 32x32 with `--dataset omniglot --data-dir PATH`), for several seeds; the derived
 cell is looked up in the shipped 12-epoch table. Each run's cell is printed as it finishes; then, per
 method: the median and mean `cifar10-test` of the derived cells, how many reach the table's 90th
-percentile, and the share of parameter-free ops (pools, skip) in them. `--dataset cifar10 --data-dir DIR`
-searches on CIFAR-10.
+percentile, and the share of parameter-free ops (pools, skip) in them.
 
-    python bench/nb201_collapse.py --seeds 5 --epochs 15 --dataset omniglot --data-dir ../shared/data/omniglot
+The defaults are the papers' per-step protocol (batch 64, each method's alpha learning rate, no
+warm-up) on a budget two CPU cores fit: C=8, one cell per stage, 20 epochs of the digits (11 steps each,
+about 25 s a run at one thread). `--a-lr` and `--arch-warmup-epochs` set every method's alpha learning
+rate and weight-only epochs (README: what they change on this budget). With CIFAR-10 at hand,
+`--dataset cifar10 --data-dir DIR --C 16 --layers 5 --epochs 50` is the published NB201 search.
+
+    python bench/nb201_collapse.py --seeds 5 --methods darts drnas beta-darts darts-minus
+    python bench/nb201_collapse.py --seeds 5 --first-seed 10 --a-lr 3e-3 --arch-warmup-epochs 10
 """
 
 from __future__ import annotations
@@ -25,15 +31,16 @@ import torch
 METHODS = ["darts", "drnas", "beta-darts", "darts-minus", "gdas"]
 
 
-def run_one(method: str, seed: int, epochs: int, C: int, layers: int, dataset: str, data_dir: str | None) -> tuple:
-    """One seeded search; returns (method, seed, derived arch, parameter-free share, seconds)."""
+def run_one(method: str, seed: int, options: dict) -> tuple:
+    """One seeded search with the given search options; returns (method, seed, derived arch, parameter-free
+    share, seconds)."""
     import supernet
 
     torch.set_num_threads(1)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        result = supernet.search(space="nb201", method=method, C=C, layers=layers, epochs=epochs, seed=seed,
-                                 dataset=dataset, data_dir=data_dir, retrain_epochs=0, run_dir=Path(tmp) / "run")
+        result = supernet.search(space="nb201", method=method, seed=seed, retrain_epochs=0,
+                                 run_dir=Path(tmp) / "run", **options)
     last = result.history["epochs"][-1]
     return method, seed, str(result.results["genotype"]), last.get("parameter_free_share"), time.perf_counter() - start
 
@@ -42,13 +49,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1 "
+                        "(tune on other seeds than the reported ones)")
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--C", type=int, default=8)
     parser.add_argument("--layers", type=int, default=1, help="search cells per stage (NB201: 5)")
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--a-lr", type=float, default=None, help="Adam's learning rate for the alphas, every "
+                        "method (default: each method's paper value, 3e-4)")
+    parser.add_argument("--arch-warmup-epochs", type=int, default=None,
+                        help="weight-only epochs before the alphas move (default: each method's, 0)")
+    parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
+    options = dict(C=args.C, layers=args.layers, epochs=args.epochs, batch_size=args.batch_size,
+                   dataset=args.dataset, data_dir=args.data_dir)
+    if args.a_lr is not None:
+        options["a_lr"] = args.a_lr
+    if args.arch_warmup_epochs is not None:
+        options["arch_warmup_epochs"] = args.arch_warmup_epochs
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
     from strategies.evaluators import TabularBenchmark
 
     table = TabularBenchmark.load("nb201")
@@ -58,14 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with ProcessPoolExecutor(args.workers) as pool:
         # Seeds outermost, so a run cut short still has every method's first seeds.
-        futures = [pool.submit(run_one, m, s, args.epochs, args.C, args.layers, args.dataset, args.data_dir)
-                   for s in range(args.seeds) for m in args.methods]
+        futures = [pool.submit(run_one, m, s, options) for s in seeds for m in args.methods]
         for future in as_completed(futures):
             results.append(future.result())
             method, seed, arch, free, seconds = results[-1]
             print(f"{method} seed {seed}: {table.rows[arch]['cifar10-test']:.2f} {arch} "
                   f"(parameter-free share {free:.2f}, {seconds:.0f} s)", flush=True)
-    print(f"\nnb201 supernet C={args.C}, N={args.layers}, {args.epochs} epochs on {args.dataset}, seeds 0-{args.seeds - 1}; "
+    print(f"\nnb201 supernet, {options}, seeds {seeds[0]}-{seeds[-1]}; "
           f"derived cells looked up in the 12-epoch table (cifar10-test; 90th percentile {p90:.2f}, "
           f"best {tests[-1]:.2f}); wall time {time.perf_counter() - start:.0f} s with {args.workers} workers\n")
     print("| method | median | mean | >= 90th pct | parameter-free share | s/run |")

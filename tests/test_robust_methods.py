@@ -173,6 +173,50 @@ def test_darts_minus_adds_beta_to_the_skip_weight_and_decays_it(split):
     assert SearchConfig(method="beta-darts").beta_lambda == 50.0
 
 
+@pytest.mark.parametrize("method", ROBUST)
+def test_arch_warmup_trains_the_weights_and_holds_the_alphas(method, split):
+    """--arch-warmup-epochs: the first epochs move the weights only, then the alphas move too."""
+    searcher = Searcher(SearchConfig(method=method, arch_warmup_epochs=1, **SPACES["nb201"], **dict(BASE, epochs=2)),
+                        split)
+    weights = [w.detach().clone() for w in searcher.net.weight_parameters()]
+    alphas = searcher.history["alphas"]
+    searcher.run()
+    assert alphas[1] == alphas[0]  # the warm-up epoch
+    assert alphas[2] != alphas[1]
+    assert any(not torch.equal(w, v) for w, v in zip(searcher.net.weight_parameters(), weights, strict=True))
+
+
+def test_darts_minus_forward_is_the_softmax_mixture_plus_beta_times_the_input():
+    """The auxiliary skip on every edge, on the fused and reference paths: with alphas that give every candidate
+    but `none` and skip a weight of 0, an nb201 cell computes node_j = sum_i (w_skip + beta) * node_i."""
+    torch.manual_seed(0)
+    net = SearchNetwork("nb201", C=4, layers=1, num_classes=10, in_channels=1, mixing="aux-skip").double()
+    x = torch.randn(8, 1, 8, 8, dtype=torch.double)
+    space, skip = net.space, net.space.ops.index("skip_connect")
+    alphas = torch.full((6, 5), -torch.inf, dtype=torch.double)
+    alphas[:, skip] = 0.0
+    alphas[:, space.ops.index("none")] = torch.randn(6, dtype=torch.double)  # w_skip = softmax over {none, skip}
+    with torch.no_grad():
+        net.alphas("cell").copy_(alphas)
+    w_skip = F.softmax(alphas, -1)[:, skip]
+    cell = net.cells[0]
+    for beta in (0.0, 0.4, 1.0):
+        net.mixing.beta = beta
+        plan = net.mixing.plan(space, {"alphas": {"cell": net.alphas("cell")}})["cell"]
+        x0 = torch.randn(8, 4, 8, 8, dtype=torch.double)
+        nodes = [x0]
+        for node in space.intermediate_nodes:
+            nodes.append(sum((w_skip[e] + beta) * nodes[space.edges[e][1]] for e in space.node_edges(node)))
+        for fused in (True, False):
+            torch.testing.assert_close(cell([x0], plan, fused), nodes[-1])
+    net.mixing.beta = 0.5
+    outputs = []
+    for fused in (True, False):
+        net.fused = fused
+        outputs.append(net(x))
+    torch.testing.assert_close(outputs[0], outputs[1])
+
+
 def test_parameter_free_share_and_entropy_match_hand_computations():
     space = supernet.get_space("nb201")
     genotype = space.parse("|skip_connect~0|+|avg_pool_3x3~0|nor_conv_3x3~1|+|none~0|nor_conv_1x1~1|skip_connect~2|")
