@@ -7,6 +7,7 @@ the mean wall time of one search (s/run) and, at the end, the wall time of the w
 
     python bench/nb201_strategies.py --seeds 100 --workers 1   # the shipped table; --data CSV for another
     python bench/nb201_strategies.py --strategies bananas --first-seed 1000   # seeds kept apart for tuning
+    python bench/nb201_strategies.py --strategies bananas --first-seed 1000 --options '{"local_search": 5}'
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import json  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -40,12 +42,13 @@ def _table(path: str) -> TabularBenchmark:
     return _TABLE[path]
 
 
-def run_one(path: str, name: str, budget: int, seed: int, search_metric: str, report_metric: str) -> tuple:
-    """One seeded search; returns (chosen arch, its report metric, seconds)."""
+def run_one(path: str, name: str, budget: int, seed: int, search_metric: str, report_metric: str,
+            options: dict) -> tuple:
+    """One seeded search with strategy `options`; returns (chosen arch, its report metric, seconds)."""
     torch.set_num_threads(1)  # the REINFORCE controller is tiny: threads only add overhead
     table = _table(path)
     start = time.perf_counter()
-    strategy = search(make_strategy(name, "nb201", budget, seed), TabularEvaluator(table, search_metric))
+    strategy = search(make_strategy(name, "nb201", budget, seed, **options), TabularEvaluator(table, search_metric))
     chosen = strategy.best()
     return chosen.arch, table.rows[chosen.arch][report_metric], time.perf_counter() - start
 
@@ -54,6 +57,14 @@ def compare(args: argparse.Namespace) -> None:
     """Prints the comparison table the arguments describe."""
     checks.integer("--seeds", args.seeds, minimum=2)  # a standard deviation needs two seeds
     checks.integer("--workers", args.workers)
+    try:
+        options = json.loads(args.options)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--options must be a JSON object, got {args.options!r} ({err})") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"--options must be a JSON object, got {args.options!r}")
+    for name in args.strategies:
+        make_strategy(name, "nb201", 1, 0, **options)  # a bad option fails here, before any search
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     wall = time.perf_counter()
     for budget in args.budgets:
@@ -64,7 +75,7 @@ def compare(args: argparse.Namespace) -> None:
     best_arch, best_value = table.best(args.report_metric)
     val_arch, _ = table.best(args.search_metric)
     print(f"table: {args.data} ({len(table)} cells); search on {args.search_metric}, report {args.report_metric}; "
-          f"seeds {seeds.start}-{seeds.stop - 1}, {args.workers} worker(s)")
+          f"seeds {seeds.start}-{seeds.stop - 1}, {args.workers} worker(s)" + (f"; options {options}" if options else ""))
     print(f"best {args.report_metric} in the table: {best_value:.2f}; the best-{args.search_metric} cell scores "
           f"{table.rows[val_arch][args.report_metric]:.2f}")
     print()
@@ -73,8 +84,8 @@ def compare(args: argparse.Namespace) -> None:
     with ProcessPoolExecutor(args.workers) as pool:
         for name in args.strategies:
             for budget in args.budgets:
-                jobs = [pool.submit(run_one, args.data, name, budget, seed, args.search_metric, args.report_metric)
-                        for seed in seeds]
+                jobs = [pool.submit(run_one, args.data, name, budget, seed, args.search_metric, args.report_metric,
+                                    options) for seed in seeds]
                 results = [j.result() for j in jobs]
                 values = [v for _, v, _ in results]
                 regrets = [best_value - v for v in values]
@@ -97,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--search-metric", default="cifar10-val")
     parser.add_argument("--report-metric", default="cifar10-test")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--options", default="{}",
+                        help="strategy options as a JSON object, given to every strategy (e.g. for tuning bananas)")
     try:
         compare(parser.parse_args(argv))
     except ValueError as err:  # bad input: one clear line, no stack trace

@@ -10,7 +10,8 @@ intermediate node, in order:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +65,25 @@ class DecisionSpace:
         # Ascending inputs, leaving room for the inputs still to pick.
         lowest = prefix[t - 2] + 1 if d.slot > 0 else 0
         return tuple(range(lowest, d.node - (picks - 1 - d.slot)))
+
+    def choices(self) -> Iterator[tuple[int, ...]]:
+        """Every full sequence of choices, depth first (lazily: a large space yields without end in sight)."""
+
+        def extend(prefix: tuple[int, ...]) -> Iterator[tuple[int, ...]]:
+            if len(prefix) == len(self.decisions):
+                yield prefix
+                return
+            for c in self.valid(prefix):
+                yield from extend(prefix + (c,))
+
+        return extend(())
+
+    def all_genotypes(self, limit: int) -> list[Any] | None:
+        """Every genotype of the space, in a fixed order, or None when there are more than `limit`."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"limit must be an integer >= 0, got {limit!r}")
+        every = list(itertools.islice(self.choices(), limit + 1))  # counted before decoding: decode is slower
+        return None if len(every) > limit else [self.decode(c) for c in every]
 
     def decode(self, choices: Sequence[int]) -> Any:
         """The genotype a full sequence of choices describes."""

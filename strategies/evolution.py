@@ -31,17 +31,15 @@ class RegularizedEvolution(Strategy):
         self.population: deque[tuple[Any, float]] = deque()  # (genotype, reward), oldest first
         self.warm_start, self.warm_pool, self.proxy_options = warm_start, warm_pool, dict(proxy_options or {})
         self.warm = None if warm_start is None else WarmStart(warm_start, warm_pool, proxy_options)
-        self.queue: list[Any] = []  # the warm start's first population, still to evaluate
 
     def config(self) -> dict[str, Any]:
         return {"population": self.population_size, "sample_size": self.sample_size,
                 "warm_start": self.warm_start, "warm_pool": self.warm_pool, "proxy_options": self.proxy_options}
 
     def _propose(self) -> Any:
-        if self.warm is not None and not self.history:
-            self.queue = self.warm.cells(self.space, self.rng, self.population_size, set(), self.seed)
-        if self.queue:
-            return self.queue.pop(0)
+        warm = None if self.warm is None else self.warm.next_cell(self, self.population_size)
+        if warm is not None:
+            return warm
         if len(self.population) < self.population_size:
             return self.space.random_genotype(self.rng)
         contenders = self.rng.sample(list(self.population), self.sample_size)

@@ -25,16 +25,14 @@ class RandomSearch(Strategy):
         super().__init__(space, budget, seed)
         self.warm_start, self.warm_pool, self.proxy_options = warm_start, warm_pool, dict(proxy_options or {})
         self.warm = None if warm_start is None else WarmStart(warm_start, warm_pool, proxy_options)
-        self.queue: list[Any] = []  # the warm start's ranked pool, still to evaluate
 
     def config(self) -> dict[str, Any]:
         return {"warm_start": self.warm_start, "warm_pool": self.warm_pool, "proxy_options": self.proxy_options}
 
     def _propose(self) -> Any:
-        if self.warm is not None and not self.history:
-            self.queue = self.warm.cells(self.space, self.rng, self.warm_pool, set(), self.seed)
-        if self.queue:
-            return self.queue.pop(0)
+        warm = None if self.warm is None else self.warm.next_cell(self, self.warm_pool)
+        if warm is not None:
+            return warm
         seen = {t.arch for t in self.history}
         for _ in range(MAX_REDRAWS):
             genotype = self.space.random_genotype(self.rng)

@@ -28,6 +28,14 @@ class WarmStart:
         self.pool = checks.integer("warm_pool", pool)
         self.options = dict(options or {})
         self.seconds = 0.0
+        self.queue: list[Any] = []  # ranked cells not yet handed out
+
+    def next_cell(self, strategy, count: int) -> Any | None:
+        """The strategy's next warm-start cell: the proxy's `count` best of a fresh pool, ranked when the
+        strategy asks for its first cell and handed out best first; None once they are all out."""
+        if not strategy.history:
+            self.queue = self.cells(strategy.space, strategy.rng, count, set(), strategy.seed)
+        return self.queue.pop(0) if self.queue else None
 
     def cells(self, space, rng: random.Random, count: int, seen: set[str], seed: int) -> list[Any]:
         """The `count` best of a fresh pool of cells not in `seen` (fewer if the space runs out)."""

@@ -7,10 +7,11 @@ import statistics
 import numpy as np
 import pytest
 
-from strategies import Evaluation, make_strategy, restore, search
+import strategies.predictor
+from strategies import DecisionSpace, Evaluation, make_strategy, restore, search
 from strategies.predictor import MLPEnsemble, PathEncoder
 from supernet import get_space
-from tests.test_strategies import TinyCell
+from tests.test_strategies import TinyCell, params_ranked_pool
 
 FAST = {"initial": 8, "batch": 4, "local_search": 2, "epochs": 60, "refit_epochs": 10, "members": 3,
         "random_candidates": 100}
@@ -48,9 +49,25 @@ def test_path_encoding_of_nb201_counts_routes_without_none():
     assert full[enc.onehot_size:].sum() == 4 and full[:enc.onehot_size].sum() == 6
 
 
-def test_darts_space_falls_back_to_the_one_hot_encoding():
+def test_darts_space_falls_back_to_the_one_hot_encoding_and_sampled_candidates():
     enc = PathEncoder(get_space("darts"))
     assert enc.path_size == 0 and enc.size == enc.onehot_size
+    assert make_strategy("bananas", "darts", 10, 0).all_cells is None  # far too many cells to score them all
+
+
+def test_a_small_space_is_scored_whole_so_greedy_acquisition_takes_the_predicted_best_cell():
+    space = get_space("nb201")
+    reward = interaction_benchmark(space, 2)
+    # Few sampled candidates: only scoring every cell finds the predicted best of 15,625.
+    options = {**FAST, "local_search": 0, "acquisition": "mean", "random_candidates": 10, "mutants": 0,
+               "neighbourhood": 0}
+    strategy = search(make_strategy("bananas", space, 20, 0, **options), lambda g: Evaluation(reward(g), {}),
+                      max_evaluations=FAST["initial"])
+    chosen = space.format(strategy.ask())  # the first acquisition, by the ensemble just fitted
+    unseen = [g for g in DecisionSpace(space).all_genotypes(15_625) if space.format(g) not in strategy.seen]
+    assert len(unseen) == 15_625 - FAST["initial"]
+    mean = strategy.model.predict(np.stack([strategy.encoder(g) for g in unseen])).mean(axis=0)
+    assert chosen == space.format(unseen[int(np.argmax(mean))])
 
 
 def test_the_mlp_ensemble_fits_a_simple_function():
@@ -94,8 +111,12 @@ def test_a_resumed_search_equals_an_uninterrupted_one(tmp_path):
     assert [t.arch for t in resumed.history] == [t.arch for t in full.history]
 
 
-def test_never_proposes_a_cell_twice_even_when_the_space_runs_out():
+@pytest.mark.parametrize("exhaustive", [True, False])
+def test_never_proposes_a_cell_twice_even_when_the_space_runs_out(exhaustive, monkeypatch):
+    if not exhaustive:  # the 27 cells count as a large space: sampled candidates
+        monkeypatch.setattr(strategies.predictor, "MAX_EXHAUSTIVE_CELLS", 26)
     space = TinyCell()
+    assert (make_strategy("bananas", space, 27, 0).all_cells is not None) == exhaustive
     history = run("bananas", space, 27, 0, interaction_benchmark(space, 0), **FAST).history
     assert len({t.arch for t in history}) == 27  # the whole space, each cell once
 
@@ -126,23 +147,13 @@ def test_zero_cost_warm_start_picks_the_best_of_the_pool_and_reports_its_cost():
     from supernet.proxies import list_proxies
 
     assert "params" in list_proxies()
-    space = get_space("nb201")
     options = {**FAST, "initial": 3, "warm_start": "params", "warm_pool": 6,
                "proxy_options": {"C": 4, "layers": 1}}
     strategy = make_strategy("bananas", "nb201", 3, 0, **options)
     search(strategy, lambda g: Evaluation(0.0, {}))
     assert strategy.proxy_seconds > 0 and len(strategy.history) == 3
     # The three chosen cells are the pool's three largest by parameter count.
-    from supernet.proxies import score
-
-    pool_rng = make_strategy("bananas", "nb201", 3, 0, **options)
-    pool, taken = [], set()
-    for _ in range(6):
-        g = pool_rng._random_unseen(taken)
-        taken.add(space.format(g))
-        pool.append(g)
-    params = sorted((-score("params", g, "nb201", input_shape=(1, 8, 8), C=4, layers=1), i) for i, g in enumerate(pool))
-    assert [t.arch for t in strategy.history] == [space.format(pool[i]) for _, i in params[:3]]
+    assert [t.arch for t in strategy.history] == params_ranked_pool(0)[:3]
     resumed = restore(strategy.state())
     assert [t.arch for t in resumed.history] == [t.arch for t in strategy.history]
 

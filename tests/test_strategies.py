@@ -218,6 +218,18 @@ def test_decisions_round_trip_and_respect_their_valid_sets(seed, space_name):
         assert c in decisions.valid(choices[:t])
 
 
+def test_all_genotypes_lists_every_cell_of_a_small_space_once_and_refuses_a_large_one():
+    tiny = TinyCell()
+    assert sorted(map(tiny.format, DecisionSpace(tiny).all_genotypes(27))) == sorted(map(tiny.format, all_paths(tiny)))
+    darts = DecisionSpace(TinyDarts()).all_genotypes(5000)
+    per_cell = 1 * 2 ** 2 * 3 * 2 ** 2  # node 2: inputs {0, 1}; node 3: 3 input pairs; 2 real ops per input
+    assert len({TinyDarts().format(g) for g in darts}) == len(darts) == per_cell ** 2
+    assert DecisionSpace(tiny).all_genotypes(26) is None  # one more cell than the limit
+    assert DecisionSpace("darts").all_genotypes(20_000) is None
+    with pytest.raises(ValueError, match="limit must be an integer >= 0"):
+        DecisionSpace(tiny).all_genotypes(-1)
+
+
 def test_reinforce_raises_the_probability_of_a_rewarded_architecture():
     strategy = make_strategy("reinforce", TinyCell(), 60, 0, lr=0.05)
     good = TinyCell().from_paths({"cell": [2, 2, 2]})
