@@ -1,4 +1,4 @@
-"""The batched cell's fixed CPU shape rules (supernet/batched_cell.py), each alternative timed on its shapes.
+"""The batched cell's fixed CPU shape rules (supernet/cpu_convs.py, batched_cell.py), each alternative timed.
 
     PYTHONPATH=. python3 bench/bench_cpu_rules.py [--threads N] [--reps R]
 
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from supernet import batched_cell as bc  # noqa: E402
+from supernet import cpu_convs as cc  # noqa: E402
 from supernet.ops import OPS  # noqa: E402
 
 CL = torch.channels_last
@@ -62,12 +63,12 @@ def weight_gradient(shape, k: int, dilation: int, reps: int) -> None:
     x = torch.randn(*shape).contiguous(memory_format=CL)
     g = torch.randn(*shape).contiguous(memory_format=CL)
     w = torch.zeros(shape[1], 1, k, k)
-    providers = {"aten": lambda: bc._aten_grads(g, x, w, 1, dilation * (k // 2), dilation, [False, True, False]),
-                 "as_conv": lambda: bc._grad_weight_as_conv(x, g, k, dilation)}
+    providers = {"aten": lambda: cc.aten_grads(g, x, w, 1, dilation * (k // 2), dilation, [False, True, False]),
+                 "as_conv": lambda: cc.grad_weight_as_conv(x, g, k, dilation)}
     if dilation == 1 or (shape[2] % 2 == 0 and shape[3] % 2 == 0):
-        providers["split"] = lambda: bc._grad_weight_split(x, g, k, dilation)
-    chosen = ("as_conv" if bc.gradient_as_kernel(k, 1, dilation, shape) else
-              "split" if bc.split_weight_grad(k, 1, dilation, shape) else "aten")
+        providers["split"] = lambda: cc.grad_weight_split(x, g, k, dilation)
+    chosen = ("as_conv" if cc.gradient_as_kernel(k, 1, dilation, shape) else
+              "split" if cc.split_weight_grad(k, 1, dilation, shape) else "aten")
     report(f"dw weight grad {shape} k{k} d{dilation} [{chosen}]", providers, reps)
 
 
@@ -79,9 +80,9 @@ def pointwise(shape, reps: int) -> None:
     def run(fn):
         return lambda: fn().sum().backward()
 
-    providers = {"aten": run(lambda: F.conv2d(x, w)), "mm": run(lambda: bc._pointwise_mm(x, w, 1)),
-                 "pairs": run(lambda: bc._pointwise_mm(x, w, 2))}
-    report(f"1x1 {shape} [{bc.pointwise_pixels_per_row(*shape)} px/row]", providers, reps)
+    providers = {"aten": run(lambda: F.conv2d(x, w)), "mm": run(lambda: cc.pointwise_mm(x, w, 1)),
+                 "pairs": run(lambda: cc.pointwise_mm(x, w, 2))}
+    report(f"1x1 {shape} [{cc.pointwise_pixels_per_row(*shape)} px/row]", providers, reps)
 
 
 def stacked_edges(shape, name: str, edges: int, reps: int) -> None:

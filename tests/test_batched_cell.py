@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from supernet import SearchNetwork, batched_cell
+from supernet import SearchNetwork, batched_cell, cpu_convs
 from supernet.compat.darts import _to_ours, from_darts
 from tests.darts_reference import Network
 
@@ -147,7 +147,7 @@ def test_depthwise_backward_alternatives_equal_the_conv_gradients(k, dilation, s
     g = torch.randn_like(y)
     expected = torch.autograd.grad(y, (xr, wr), g)
     xb, wb = x.clone().requires_grad_(), w.clone().requires_grad_()
-    got = torch.autograd.grad(batched_cell._Depthwise.apply(xb, wb, stride, pad, dilation), (xb, wb), g)
+    got = torch.autograd.grad(cpu_convs.Depthwise.apply(xb, wb, stride, pad, dilation), (xb, wb), g)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     # each alternative on its own, whatever the rule picks for this shape
@@ -155,9 +155,9 @@ def test_depthwise_backward_alternatives_equal_the_conv_gradients(k, dilation, s
         flipped = F.conv2d(g, w.flip(2, 3), None, 1, pad, dilation, c)
         torch.testing.assert_close(flipped, expected[0], rtol=1e-10, atol=1e-10)
         if dilation == 1 or side % 2 == 0:
-            split = batched_cell._grad_weight_split(x, g, k, dilation)
+            split = cpu_convs.grad_weight_split(x, g, k, dilation)
             torch.testing.assert_close(split, expected[1], rtol=1e-10, atol=1e-10)
-        as_conv = batched_cell._grad_weight_as_conv(x, g, k, dilation)
+        as_conv = cpu_convs.grad_weight_as_conv(x, g, k, dilation)
         torch.testing.assert_close(as_conv, expected[1], rtol=1e-10, atol=1e-10)
 
 
@@ -173,7 +173,7 @@ def test_depthwise_conv_of_input_copies_equals_the_conv_of_the_repeated_input(co
     g = torch.randn_like(y)
     expected = torch.autograd.grad(y, (xr, wr), g)
     xb, wb = x.clone().requires_grad_(), w.clone().requires_grad_()
-    out = batched_cell._Depthwise.apply(xb, wb, stride, pad, dilation, copies)
+    out = cpu_convs.Depthwise.apply(xb, wb, stride, pad, dilation, copies)
     torch.testing.assert_close(out, y.detach(), rtol=1e-12, atol=1e-12)
     for a, b in zip(torch.autograd.grad(out, (xb, wb), g), expected):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
@@ -189,7 +189,7 @@ def test_block_diagonal_pointwise_equals_each_edges_conv():
     g = torch.randn_like(expected)
     want = torch.autograd.grad(expected, (yr, wr), g)
     yb, wb = y.clone().requires_grad_(), weights.clone().requires_grad_()
-    out = batched_cell._BlockDiagonalPointwise.apply(yb, wb)
+    out = cpu_convs.BlockDiagonalPointwise.apply(yb, wb)
     assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, expected.detach(), rtol=1e-12, atol=1e-12)
     for a, b in zip(torch.autograd.grad(out, (yb, wb), g), want):
@@ -219,20 +219,20 @@ def test_edges_are_stacked_only_on_small_states_and_give_the_per_edge_numbers(mo
 
 
 def test_algorithm_rules_read_only_shapes():
-    rule = batched_cell.split_weight_grad
+    rule = cpu_convs.split_weight_grad
     assert not rule(3, 1, 1, (32, 8, 16, 16))  # oneDNN's own fast case
     assert rule(3, 1, 2, (64, 16, 32, 32)) and not rule(3, 1, 2, (2, 3, 7, 7))  # polyphase needs even sides
     assert rule(5, 1, 2, (32, 16, 8, 8)) and not rule(5, 1, 2, (32, 8, 16, 16))
     assert rule(5, 1, 1, (64, 32, 16, 16)) and not rule(5, 1, 1, (32, 16, 8, 8))
     assert not rule(5, 2, 1, (32, 16, 8, 8))  # strided: oneDNN's
-    assert batched_cell.flip_input_grad(5, 1, 2) and not batched_cell.flip_input_grad(3, 2, 1)
-    as_conv = batched_cell.gradient_as_kernel
+    assert cpu_convs.flip_input_grad(5, 1, 2) and not cpu_convs.flip_input_grad(3, 2, 1)
+    as_conv = cpu_convs.gradient_as_kernel
     assert as_conv(5, 1, 1, (32, 8, 16, 16)) and not as_conv(5, 1, 1, (64, 32, 16, 16))
     assert as_conv(5, 1, 2, (32, 8, 16, 16)) and as_conv(5, 1, 2, (64, 16, 32, 32))
     assert not as_conv(3, 1, 1, (32, 8, 16, 16)) and not as_conv(5, 2, 1, (32, 8, 16, 16))
     assert as_conv(3, 1, 2, (32, 32, 4, 4)) and not as_conv(3, 1, 2, (32, 16, 8, 8))
-    assert batched_cell.subsampled_depthwise(2, 4, 2) and not batched_cell.subsampled_depthwise(2, 2, 1)
-    pixels = batched_cell.pointwise_pixels_per_row
+    assert cpu_convs.subsampled_depthwise(2, 4, 2) and not cpu_convs.subsampled_depthwise(2, 2, 1)
+    pixels = cpu_convs.pointwise_pixels_per_row
     assert pixels(32, 16, 8, 8) == 1 and pixels(64, 16, 32, 32) == 0
     assert pixels(32, 8, 16, 16) == 2 and pixels(1, 8, 65, 65) == 0  # an odd pixel count: oneDNN's conv
     assert not hasattr(batched_cell, "_CHOICES")  # no timed, cached choices
@@ -244,7 +244,7 @@ def test_pointwise_matmul_equals_the_conv(pixels):
     x = torch.randn(2, 6, 5, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     conv = torch.nn.Conv2d(6, 4, 1, bias=False).double()
     xr = x.clone().requires_grad_()
-    y = batched_cell._pointwise_mm(xr, conv.weight, pixels)
+    y = cpu_convs.pointwise_mm(xr, conv.weight, pixels)
     assert y.is_contiguous(memory_format=torch.channels_last)
     g = torch.randn_like(y)
     got = torch.autograd.grad(y, (xr, conv.weight), g)
@@ -336,7 +336,7 @@ def test_strided_dilated_depthwise_is_a_conv_of_the_subsampled_input(k, side):
     # the reduction cells' dil_conv (stride 2, dilation 2) runs as a stride-1 conv of every other pixel
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 3, k, stride=2, padding=k - 1, dilation=2, groups=3, bias=False).double()
-    assert batched_cell.subsampled_depthwise(2, k - 1, 2)
+    assert cpu_convs.subsampled_depthwise(2, k - 1, 2)
     x = torch.randn(2, 3, side, side, dtype=torch.float64, requires_grad=True)
     g = torch.randn(2, 3, (side + 1) // 2, (side + 1) // 2, dtype=torch.float64)
     ours = batched_cell._layer(conv, batched_cell.to_channels_last(x))
