@@ -247,8 +247,7 @@ def _stride(pool: nn.Module) -> int:
 # ReLU(state). Stacked along channels (edge-major), E edges' chains run as one: the first depthwise conv on E
 # copies of the input, every later depthwise conv over E*C channels, pointwise convs as one matmul against the
 # edges' weights side by side (the first) or block-diagonal (later ones), batch norms over E*C channels (per
-# channel, so the same statistics as per edge). On the small config's 8x8 and 4x4 stages, where per-call cost
-# dominates, a stack of 4 sep_conv edges ran forward + backward in 0.63-0.85x the time of 4 separate chains.
+# channel, so the same statistics as per edge): fewer, larger calls where per-call cost dominates.
 # Stacked against separate chains, forward + backward, 4 edges, N 32 (`python bench/bench_cpu_rules.py`, idle,
 # 1 thread): 3x3 candidates 0.81-0.87x on 8x8 and 4x4 states (0.58-0.69x with 2 threads); sep_conv_5x5 0.81x
 # on 4x4, 1.22x on 8x8; dil_conv_5x5 1.6-1.85x. In the whole small-config step, running those 5x5 cases
