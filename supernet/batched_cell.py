@@ -98,10 +98,10 @@ def weighted_batch_norm(y: torch.Tensor, bn: nn.BatchNorm2d, scale: torch.Tensor
     return F.batch_norm(y, bn.running_mean, bn.running_var, scale, None, True, count_batch(bn), bn.eps)
 
 
-def channel_scales(weights: torch.Tensor, channels: int) -> tuple[torch.Tensor, ...]:
-    """Each of a node's mixing weights repeated over its channels, made in one call for the whole node.
-    Contiguous copies, not the stride-0 expand itself: see the module's note."""
-    return weights[:, None].expand(-1, channels).contiguous().unbind(0)
+def channel_scales(weights: torch.Tensor, channels: int) -> torch.Tensor:
+    """(P, channels): each of P mixing weights repeated over the channels, made in one call. A contiguous copy,
+    not the stride-0 expand itself: see the module's note."""
+    return weights[:, None].expand(-1, channels).contiguous()
 
 
 def shared_batch_norm(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d]) -> torch.Tensor:
@@ -171,9 +171,7 @@ def _run(kind: int, layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
     if kind == DEPTHWISE and LEVERS["dw_backward"]:
         return _depthwise(y, layer)
     if kind == POINTWISE and LEVERS["pw_matmul"] and y.dim() == 4 and y.is_contiguous(memory_format=CL):
-        pixels = pointwise_pixels_per_row(*y.shape)
-        if pixels:
-            return pointwise_mm(y, layer.weight, pixels)
+        return _pointwise(y, layer.weight.flatten(1))
     if kind == RELU:
         return torch.relu(y)
     if kind == BATCH_NORM and _plain(layer):  # what nn.BatchNorm2d.forward calls, without its module call
@@ -275,8 +273,8 @@ def _stacked_batch_norm(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d], scale: t
     factor = count_batch(first)
     for bn in bns[1:]:
         count_batch(bn)  # the same momentum (`_stackable`): the same factor
-    if first.running_mean is None or len(bns) == 1:
-        return F.batch_norm(y, first.running_mean, first.running_var, scale, None, True, factor, first.eps)
+    if first.running_mean is None:
+        return F.batch_norm(y, None, None, scale, None, True, factor, first.eps)
     mean = torch.cat([bn.running_mean for bn in bns])
     var = torch.cat([bn.running_var for bn in bns])
     out = F.batch_norm(y, mean, var, scale, None, True, factor, first.eps)
@@ -288,7 +286,7 @@ def _stacked_batch_norm(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d], scale: t
 
 
 def _stacked_chains(chains: Sequence, r: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """w_e * chain_e(r) for E stackable chains of the same candidate given r = ReLU(state) and their mixing
+    """w_e * chain_e(r) for E >= 2 stackable chains of the same candidate given r = ReLU(state) and their mixing
     weights (E,): one chain over E*C channels, split per edge (views)."""
     n = len(chains)
     y = r
@@ -296,23 +294,22 @@ def _stacked_chains(chains: Sequence, r: torch.Tensor, weights: torch.Tensor) ->
         kind, first = layers[0]
         modules = [layer for _, layer in layers]
         if kind == DEPTHWISE:  # the first on E copies of the input, edge-major along channels
-            weight = first.weight if n == 1 else torch.cat([m.weight for m in modules])
-            y = _depthwise(y, first, weight, copies=n if step == 0 else 1)
+            y = _depthwise(y, first, torch.cat([m.weight for m in modules]), copies=n if step == 0 else 1)
         elif kind == POINTWISE:
             flat = [m.weight.flatten(1) for m in modules]
-            if step == 0 or n == 1:  # one input for every edge: their weights one above the other
-                y = _pointwise(y, flat[0] if n == 1 else torch.cat(flat))
+            if step == 0:  # one input for every edge: their weights one above the other
+                y = _pointwise(y, torch.cat(flat))
             else:
                 y = BlockDiagonalPointwise.apply(y, torch.stack(flat))
         elif kind == CONV:  # the first layer only (`_stackable`): the edges' kernels one above the other
-            weight = first.weight if n == 1 else torch.cat([m.weight for m in modules])
-            y = F.conv2d(y, weight, None, first.stride, first.padding, first.dilation)
+            y = F.conv2d(y, torch.cat([m.weight for m in modules]), None, first.stride, first.padding,
+                         first.dilation)
         elif kind == RELU:
             y = torch.relu(y)
         else:
             y = _stacked_batch_norm(y, modules, None)
     c = y.shape[1] // n
-    scale = weights[:, None].expand(n, c).reshape(-1)  # a contiguous copy: see the module's note
+    scale = channel_scales(weights, c).view(-1)
     return _stacked_batch_norm(y, [chain[1] for chain in chains], scale).split(c, dim=1)
 
 
@@ -393,7 +390,7 @@ def cell_nodes(cell: nn.Module, states: Sequence[torch.Tensor], plan) -> list[to
                     bn = chain[1]
                 if bn is not None and LEVERS["bn_weighted"] and _plain(bn):
                     if scales[j] is None:
-                        scales[j] = channel_scales(plan[j].weights, y.shape[1])
+                        scales[j] = channel_scales(plan[j].weights, y.shape[1]).unbind(0)
                     term = weighted_batch_norm(y, bn, scales[j][i])
                 elif bn is not None:
                     term = w * bn(y)

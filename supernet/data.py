@@ -169,7 +169,7 @@ class Split:
     test: Pair
     num_classes: int
     in_channels: int
-    black: torch.Tensor | None = None
+    black: torch.Tensor
 
     @property
     def train_val(self) -> Pair:
@@ -255,7 +255,7 @@ def split_data(x: torch.Tensor, y: torch.Tensor, seed: int, val_fraction: float 
 
     num_classes = int(max(y.max(), test[1].max())) + 1
     return Split(norm(train), norm((x[val_idx], y[val_idx])), norm(test), num_classes, x.shape[1],
-                 black=(-mean / std).flatten())
+                 (-mean / std).flatten())
 
 
 def load_split(dataset: str, seed: int, data_dir: "str | Path | None" = None, data: Pair | None = None,

@@ -74,6 +74,8 @@ HELP = {
     "retrain_batch_size": "retraining batch size",
 }
 CHOICES = {"method": list(METHODS), "space": list_spaces(), "dataset": list(DATASETS), "precision": list(PRECISIONS)}
+
+
 def _boolean(text: str) -> bool:
     """'true'/'false' (also yes/no, 1/0) as a bool, for boolean options."""
     value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower())
