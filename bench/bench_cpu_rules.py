@@ -96,11 +96,11 @@ def stacked_edges(shape, name: str, edges: int, reps: int) -> None:
     def separate():
         r = torch.relu(x)
         total = 0
-        for i, (layers, bn) in enumerate(chains):
+        for (layers, bn), scale in zip(chains, bc.channel_scales(weights, c).unbind(0)):  # as the cell does
             y = r
             for kind, layer in layers:
                 y = bc._run(kind, layer, y)
-            total = total + bc.weighted_batch_norm(y, bn, weights[i].expand(y.shape[1]).contiguous()).sum()
+            total = total + bc.weighted_batch_norm(y, bn, scale).sum()
         total.backward()
 
     def stacked():

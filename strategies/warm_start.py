@@ -34,14 +34,14 @@ class WarmStart:
         """The strategy's next warm-start cell: the proxy's `count` best of a fresh pool, ranked when the
         strategy asks for its first cell and handed out best first; None once they are all out."""
         if not strategy.history:
-            self.queue = self.cells(strategy.space, strategy.rng, count, set(), strategy.seed)
+            self.queue = self.cells(strategy.space, strategy.rng, count, strategy.seed)
         return self.queue.pop(0) if self.queue else None
 
-    def cells(self, space, rng: random.Random, count: int, seen: set[str], seed: int) -> list[Any]:
-        """The `count` best of a fresh pool of cells not in `seen` (fewer if the space runs out)."""
+    def cells(self, space, rng: random.Random, count: int, seed: int) -> list[Any]:
+        """The `count` best of a fresh pool of distinct cells (fewer if the space runs out)."""
         from supernet.proxies import rank_by_proxy
 
-        pool, taken = [], set(seen)
+        pool, taken = [], set()
         for _ in range(self.pool):
             for _ in range(MAX_REDRAWS):
                 genotype = space.random_genotype(rng)
