@@ -249,7 +249,8 @@ def _stride(pool: nn.Module) -> int:
 # Stacked against separate chains, forward + backward, 4 edges, N 32 (`python bench/bench_cpu_rules.py`, idle,
 # 1 thread): 3x3 candidates 0.81-0.87x on 8x8 and 4x4 states (0.58-0.69x with 2 threads); sep_conv_5x5 0.81x
 # on 4x4, 1.22x on 8x8; dil_conv_5x5 1.6-1.85x. In the whole small-config step, running those 5x5 cases
-# separately gained nothing (paired 0.99-1.07 at 1 thread, 1.03 at 2), so the rule reads the state's size only.
+# separately gained nothing (a one-off A/B: paired 0.99-1.07 at 1 thread, 1.03 at 2), so the rule reads the
+# state's size only.
 # On 16x16 states (1.03-1.39x) and the paper config's (N 64, 8x8 and up: 1.6-3.4x) the arithmetic outweighs
 # the calls saved: above STACK_MAX_PIXELS (N*H*W) the edges run one by one.
 STACK_MAX_PIXELS = 2048
