@@ -6,7 +6,7 @@ import torch
 from torch.func import functional_call, vmap
 
 from supernet import SearchNetwork
-from supernet.meta.folded import BatchNorm, TaskFoldedNetwork, grouped_conv, unsupported
+from supernet.meta.folded import AddScaled, BatchNorm, TaskFoldedNetwork, grouped_conv, unsupported
 from supernet.meta.learner import task_buffers
 
 
@@ -51,6 +51,22 @@ def test_grouped_conv_gradients_and_their_gradients_are_exact(stride, kernel, gr
 
     assert torch.autograd.gradcheck(f, (x, weight, bias))
     assert torch.autograd.gradgradcheck(f, (x, weight, bias))
+
+
+@pytest.mark.parametrize("with_acc", [True, False])
+def test_add_scaled_gradients_and_their_gradients_are_exact(with_acc):
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(2, 3, 2, 4, 4, dtype=torch.float64, generator=g).requires_grad_()
+    scale = torch.randn(1, 3, 1, 1, 1, dtype=torch.float64, generator=g).requires_grad_()
+    acc = torch.randn(2, 3, 2, 4, 4, dtype=torch.float64, generator=g).requires_grad_()
+    inputs = (acc, y, scale) if with_acc else (y, scale)
+
+    def f(*args):
+        return AddScaled.apply(*args) if with_acc else AddScaled.apply(None, *args)
+
+    assert torch.autograd.gradcheck(f, inputs)
+    assert torch.autograd.gradgradcheck(f, inputs)
+    torch.testing.assert_close(f(*inputs), acc + y * scale if with_acc else y * scale)
 
 
 def test_unsupported_names_what_the_folded_path_does_not_cover():

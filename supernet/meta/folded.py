@@ -200,6 +200,30 @@ class BatchNormGradients(torch.autograd.Function):
         return d_x, d_weight, d_g, None, None, None
 
 
+class AddScaled(torch.autograd.Function):
+    """acc + y * scale for y (N, T, ...) and a per-task scale (1, T, 1, ...); acc may be None.
+
+    torch.addcmul's backward spends a pass over y multiplying it by its scalar `value` and another writing
+    grad * y before summing it; here the scale's gradient is one dot product per task. Differentiable again
+    (second-order MAML), being plain torch operations.
+    """
+
+    @staticmethod
+    def forward(ctx, acc, y, scale):
+        ctx.save_for_backward(y, scale)
+        ctx.has_acc = acc is not None
+        return y * scale if acc is None else torch.addcmul(acc, y, scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, scale = ctx.saved_tensors
+        n, t = y.shape[:2]
+        grad_scale = None
+        if ctx.needs_input_grad[2]:
+            grad_scale = torch.linalg.vecdot(grad.reshape(n, t, -1), y.reshape(n, t, -1)).sum(dim=0).view_as(scale)
+        return grad if ctx.has_acc else None, grad * scale, grad_scale
+
+
 def grouped_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation,
                  groups: int) -> torch.Tensor:
     """F.conv2d through GroupedConv (its double backward stays grouped)."""
@@ -304,9 +328,9 @@ class TaskFoldedNetwork:
             leaving = [e for e, (_, s) in enumerate(space.edges) if s == src]
             for node, y, scale in self.source_terms(cell, states[src], leaving, weights):
                 if node not in sums:
-                    sums[node] = y if scale is None else y * scale
+                    sums[node] = y if scale is None else AddScaled.apply(None, y, scale)
                 else:
-                    sums[node] = sums[node] + y if scale is None else torch.addcmul(sums[node], y, scale)
+                    sums[node] = sums[node] + y if scale is None else AddScaled.apply(sums[node], y, scale)
         states.append(sums.pop(last).flatten(1, 2))
         outputs = [states[n] for n in space.output_nodes]
         if len(outputs) == 1:
@@ -383,8 +407,10 @@ class TaskFoldedNetwork:
         r = relu.view(n, tasks, -1, h * w)  # (N, T, C, P)
         m = n * h * w
         mean = r.sum(dim=(0, 3)) / m  # (T, C)
-        centered = r - mean[:, :, None]
-        cov = torch.matmul(centered, centered.transpose(-1, -2)).sum(dim=0) / m  # (T, C, C)
+        # E[x x^T] - mean mean^T, not the product of centred copies: a centred copy and its gradient cost two
+        # passes over r, and a ReLU's output has no mean large enough against its spread to cancel digits
+        second = torch.matmul(r, r.transpose(-1, -2)).sum(dim=0) / m  # (T, C, C)
+        cov = second - mean[:, :, None] * mean[:, None, :]
         var = torch.einsum("toc,tcd,tod->to", weight, cov, weight)
         scale = gamma * torch.rsqrt(var + eps)  # (T, O)
         folded = weight * scale[..., None]  # (T, O, C)
