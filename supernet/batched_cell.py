@@ -50,7 +50,7 @@ from torch import nn
 from . import dispatch
 from .batch_norm import count_batch, unbiased_variance, update_running_stats, uses_batch_stats_only
 from .cpu_convs import BlockDiagonalPointwise, Depthwise, pointwise_mm, pointwise_pixels_per_row, subsampled_depthwise
-from .ops import FactorizedReduce, Identity, ReLUSequential, StartsWithReLU, pool_parts
+from .ops import FactorizedReduce, Identity, ReLUSequential, StartsWithReLU, WrappedReLUSequential, pool_parts
 
 CL = torch.channels_last
 # Levers, switchable for measurement (bench/bench_search_step.py --levers); all on is the design.
@@ -189,13 +189,13 @@ _CHAINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _chain(op: nn.Module) -> tuple[tuple[tuple[int, nn.Module], ...], nn.Module] | None:
     """The layers `op.after_relu` runs, each with its kind, and the batch norm it ends in, when op is a
-    `ReLUSequential` (or a `StartsWithReLU` that wraps one as `.op`, as SepConv and DilConv do) ending in a
-    non-affine batch norm; else None (the op runs as declared). Worked out once per module."""
+    `ReLUSequential` (or wraps one: `WrappedReLUSequential`, as SepConv and DilConv) ending in a non-affine
+    batch norm; else None (the op runs as declared). Worked out once per module."""
     if op in _CHAINS:
         return _CHAINS[op]
     chain = None
-    seq = op if isinstance(op, ReLUSequential) else getattr(op, "op", None)
-    if isinstance(op, StartsWithReLU) and isinstance(seq, ReLUSequential):
+    seq = op.op if isinstance(op, WrappedReLUSequential) else op
+    if isinstance(seq, ReLUSequential):
         layers = list(seq)[1:]
         if len(layers) > 1 and _kind(layers[-1]) == BATCH_NORM:
             chain = tuple((_kind(layer), layer) for layer in layers[:-1]), layers[-1]

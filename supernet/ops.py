@@ -57,7 +57,19 @@ class ReLUConvBN(ReLUSequential):
         )
 
 
-class DilConv(StartsWithReLU):
+class WrappedReLUSequential(StartsWithReLU):
+    """A candidate that is one `ReLUSequential` kept as `.op` (DARTS's parameter names: op.1.weight, ...)."""
+
+    op: ReLUSequential
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+    def after_relu(self, rectified: torch.Tensor) -> torch.Tensor:
+        return self.op.after_relu(rectified)
+
+
+class DilConv(WrappedReLUSequential):
     """ReLU -> depthwise (dilated) conv -> pointwise conv -> BN."""
 
     def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int,
@@ -70,14 +82,8 @@ class DilConv(StartsWithReLU):
             nn.BatchNorm2d(C_out, affine=affine),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x)
 
-    def after_relu(self, rectified: torch.Tensor) -> torch.Tensor:
-        return self.op.after_relu(rectified)
-
-
-class SepConv(StartsWithReLU):
+class SepConv(WrappedReLUSequential):
     """Two stacked DilConv-like blocks without dilation; only the first one strides (as DARTS)."""
 
     def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int,
@@ -92,12 +98,6 @@ class SepConv(StartsWithReLU):
             nn.Conv2d(C_in, C_out, 1, bias=False),
             nn.BatchNorm2d(C_out, affine=affine),
         )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x)
-
-    def after_relu(self, rectified: torch.Tensor) -> torch.Tensor:
-        return self.op.after_relu(rectified)
 
 
 class PoolBN(nn.Sequential):
