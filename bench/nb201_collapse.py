@@ -12,7 +12,7 @@ about 25 s a run at one thread). `--a-lr` and `--arch-warmup-epochs` set every m
 rate and weight-only epochs (README: what they change on this budget). With CIFAR-10 at hand,
 `--dataset cifar10 --data-dir DIR --C 16 --layers 5 --epochs 50` is the published NB201 search.
 
-    python bench/nb201_collapse.py --seeds 5 --methods darts drnas beta-darts darts-minus
+    python bench/nb201_collapse.py --seeds 5 --methods darts drnas beta-darts darts-minus sdarts
     python bench/nb201_collapse.py --seeds 5 --first-seed 10 --a-lr 3e-3 --arch-warmup-epochs 10
 """
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-METHODS = ["darts", "drnas", "beta-darts", "darts-minus", "gdas"]
+METHODS = ["darts", "drnas", "beta-darts", "darts-minus", "sdarts", "gdas"]
 
 
 def run_one(method: str, seed: int, options: dict) -> tuple:
@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                         "method (default: each method's paper value, 3e-4)")
     parser.add_argument("--arch-warmup-epochs", type=int, default=None,
                         help="weight-only epochs before the alphas move (default: each method's, 0)")
+    parser.add_argument("--sdarts-epsilon", type=float, default=None,
+                        help="sdarts: the final bound of the weight step's noise (default: SDARTS's 0.3)")
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
     options = dict(C=args.C, layers=args.layers, epochs=args.epochs, batch_size=args.batch_size,
@@ -69,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         options["a_lr"] = args.a_lr
     if args.arch_warmup_epochs is not None:
         options["arch_warmup_epochs"] = args.arch_warmup_epochs
+    if args.sdarts_epsilon is not None:
+        options["sdarts_epsilon"] = args.sdarts_epsilon
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     from strategies.evaluators import TabularBenchmark
 

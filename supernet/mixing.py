@@ -8,8 +8,9 @@ only what the plan names, so `none` and unchosen candidates cost nothing.
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,8 @@ class MixingRule:
     anneals_temperature = False  # the instance has a settable `.tau` that a schedule anneals
     channel_divisor = 1  # PC-DARTS runs candidates on 1/K of the channels
     decays_aux_skip = False  # the instance has a settable `.beta` (DARTS- auxiliary skip) that a schedule decays
+    smooths_weight_step = False  # the instance has a settable `.epsilon` (SDARTS-RS noise) that a schedule grows,
+    #                              and `perturbing()`, inside which forwards mix with perturbed weights
 
     def arch_shapes(self, space: CellSpace) -> dict[str, tuple[int, ...]]:
         """Shape of each architecture tensor kind the rule learns, per cell type."""
@@ -259,6 +262,65 @@ class AuxSkip(Softmax):
 
     def extra_repr(self):
         return f"beta={self.beta}"
+
+
+@MIXING.register("random-smoothing")
+class RandomSmoothing(Softmax):
+    """SDARTS-RS: softmax mixing, except that the weight step mixes with randomly perturbed weights.
+
+    Inside `perturbing()` (the search loop's weight step) every forward draws, per alpha entry, noise
+    U(-epsilon, epsilon) from torch's global RNG (so seeds and checkpoints fix it) and mixes with
+    clip(softmax(alpha) + noise): SDARTS's `clip` clamps each weight to [0, 1] and rescales each edge to sum 1;
+    an edge clamped to all zeros puts 1 on its largest perturbed entry. The perturbed weights are constants,
+    as in SDARTS, which writes them into the alphas' data. Everywhere else (the alpha step, evaluation,
+    derivation) the weights are the unperturbed softmax(alpha). The search loop sets `epsilon` each epoch.
+    """
+
+    name = "random-smoothing"
+    differentiable = False  # the weight step's forward draws noise
+    smooths_weight_step = True
+
+    def __init__(self, epsilon: float = 0.3) -> None:
+        self.epsilon = epsilon
+        self.perturb = False
+
+    @property
+    def epsilon(self) -> float:
+        return self._epsilon
+
+    @epsilon.setter
+    def epsilon(self, value: float) -> None:
+        self._epsilon = number("random smoothing epsilon", value, non_negative=True)
+
+    @contextlib.contextmanager
+    def perturbing(self) -> Iterator[None]:
+        """Forwards inside mix with perturbed weights."""
+        self.perturb = True
+        try:
+            yield
+        finally:
+            self.perturb = False
+
+    def perturbed(self, weights: torch.Tensor) -> torch.Tensor:
+        """clip(weights + U(-epsilon, epsilon)), detached: each row a distribution over the edge's candidates."""
+        noisy = weights.detach() + torch.empty_like(weights).uniform_(-self.epsilon, self.epsilon)
+        clamped = noisy.clamp(0.0, 1.0)
+        dead = clamped.sum(dim=-1, keepdim=True) == 0
+        fallback = F.one_hot(noisy.argmax(dim=-1), noisy.shape[-1]).to(noisy)
+        clamped = torch.where(dead, fallback, clamped)
+        return clamped / clamped.sum(dim=-1, keepdim=True)
+
+    def plan(self, space, arch):
+        plans = {}
+        for ct in space.cell_types:
+            weights = F.softmax(arch["alphas"][ct], dim=-1)
+            if self.perturb and self.epsilon:
+                weights = self.perturbed(weights)
+            plans[ct] = _dense_plan(space, weights)
+        return plans
+
+    def extra_repr(self):
+        return f"epsilon={self.epsilon}"
 
 
 @MIXING.register("dirichlet")

@@ -12,6 +12,7 @@ from .search_network import SearchNetwork
 from .spaces import list_spaces
 
 DATASETS = (*data.DATASETS, "tensors")
+SDARTS_EPSILON_START = 0.03  # SDARTS-RS's noise bound in the first epoch (its code)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,11 @@ class Method:
         """Whether the mixing rule has an auxiliary skip weight the search decays (DARTS-)."""
         return MIXING.get(self.mixing).decays_aux_skip
 
+    @property
+    def smooths_weight_step(self) -> bool:
+        """Whether the weight step mixes with perturbed weights whose noise the search grows (SDARTS-RS)."""
+        return MIXING.get(self.mixing).smooths_weight_step
+
 
 METHODS = {
     "darts": Method("softmax", 1, True, 3e-4, 3e-4, 0.0, "DARTS, first order (softmax over all candidates)"),
@@ -61,6 +67,9 @@ METHODS = {
     "darts-minus": Method("aux-skip", 1, True, 3e-4, 3e-4, 0.0,
                           "DARTS- (DARTS first order plus an auxiliary skip beta * x on every edge, beta "
                           "decayed linearly from 1 to 0)"),
+    "sdarts": Method("random-smoothing", 1, True, 3e-4, 3e-4, 0.0,
+                     "SDARTS-RS (DARTS first order; the weight step mixes with clip(softmax(alpha) + U(-eps, eps)), "
+                     "eps growing linearly from 0.03 toward sdarts_epsilon)"),
     "spos": Method("sample", 0, True, 0.0, 3e-4, 0.0,
                    "single path, uniform sampling (SPOS / ENAS style); the best of spos_candidates is derived"),
 }
@@ -114,6 +123,8 @@ class SearchConfig:
     reg_scale: float = 0.0  # drnas: weight of a KL term toward Dirichlet(1) that replaces the alphas' weight decay
     #                          (DrNAS's reg_type 'kl'); 0: weight decay a_weight_decay, DrNAS's default ('l2')
     beta_lambda: float = 50.0  # beta-darts: regulariser weight beta_lambda * epoch / epochs (its code: 50)
+    sdarts_epsilon: float = 0.3  # sdarts: the weight step's noise bound grows linearly from 0.03 toward this
+    #                              (0.03 + (sdarts_epsilon - 0.03) * epoch / epochs; its code: 0.3)
     hessian_every: int = 0  # every N epochs, the dominant eigenvalue of the alpha Hessian (0: never)
     checkpoint_every: int = 0  # steps between checkpoints inside an epoch (0: at the end of each epoch only)
     retrain_epochs: int = 6  # retraining of the derived and a random architecture (0: skip)
@@ -177,6 +188,10 @@ class SearchConfig:
         if m.learns_alphas and self.arch_warmup_epochs >= self.epochs:
             raise ValueError(f"arch_warmup_epochs={self.arch_warmup_epochs} must be below epochs={self.epochs}: "
                              f"{self.method} would never train its architecture parameters")
+        eps = self.sdarts_epsilon
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not SDARTS_EPSILON_START <= eps <= 1:
+            raise ValueError(f"sdarts_epsilon must be a number in [{SDARTS_EPSILON_START}, 1] (the noise bound grows "
+                             f"from {SDARTS_EPSILON_START} at the first epoch toward it), got {eps!r}")
         if m.anneals_temperature and self.tau_min > self.tau_max:
             raise ValueError(f"tau_min={self.tau_min} must not exceed tau_max={self.tau_max}")
 

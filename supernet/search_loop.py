@@ -1,4 +1,5 @@
-"""The one-shot search loop (DARTS 1st/2nd order, GDAS, PC-DARTS, DrNAS, beta-DARTS, DARTS-, SPOS/ENAS) with checkpoints.
+"""The one-shot search loop (DARTS 1st/2nd order, GDAS, PC-DARTS, DrNAS, beta-DARTS, DARTS-, SDARTS-RS, SPOS/ENAS)
+with checkpoints.
 
 A `Searcher` owns one SearchNetwork, an SGD optimizer with a cosine schedule for the weights and
 (for methods that learn them) an Adam optimizer for the architecture parameters, as the papers set
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import architect, data, devices, distributed, runs
-from .search_config import SearchConfig, build_network
+from .search_config import SDARTS_EPSILON_START, SearchConfig, build_network
 from .search_network import SearchNetwork, preserved_batchnorm, recalibrate_batchnorm
 from .tensorboard import Events
 
@@ -348,15 +349,19 @@ class Searcher:
         start = architect.rng_state(self.device) if len(train) > 1 else None
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
-        for i, (x, y) in enumerate(train):
-            if i:  # every micro-batch sees the draws of one forward, as every rank does
-                architect.set_rng_state(start, self.device)
-            with self.precision.autocast():
-                logits = self.model(x)
-                loss = F.cross_entropy(logits, y)
-            self.precision.scale(loss / len(train) if len(train) > 1 else loss).backward()
-            loss_sum += loss.detach().float() * len(y)
-            correct += (logits.detach().argmax(1) == y).sum()
+        # SDARTS-RS: only this step's forwards mix with perturbed weights
+        smoothing = (self.net.mixing.perturbing() if self.config.method_spec.smooths_weight_step
+                     else contextlib.nullcontext())
+        with smoothing:
+            for i, (x, y) in enumerate(train):
+                if i:  # every micro-batch sees the draws of one forward, as every rank does
+                    architect.set_rng_state(start, self.device)
+                with self.precision.autocast():
+                    logits = self.model(x)
+                    loss = F.cross_entropy(logits, y)
+                self.precision.scale(loss / len(train) if len(train) > 1 else loss).backward()
+                loss_sum += loss.detach().float() * len(y)
+                correct += (logits.detach().argmax(1) == y).sum()
         if self.world > 1:
             grads = [p.grad for p in params if p.grad is not None]
             self._reduce(grads)
@@ -405,6 +410,12 @@ class Searcher:
         1 / epochs at the last, as DARTS-'s linear decay (it reaches 0 only after the search)."""
         return 1.0 - epoch / self.config.epochs
 
+    def smoothing_epsilon(self, epoch: int) -> float:
+        """SDARTS-RS: the weight step's noise bound 0.03 + (sdarts_epsilon - 0.03) * epoch / epochs, linear from
+        0.03 at the first epoch toward sdarts_epsilon, as SDARTS's code (it reaches it only after the search)."""
+        c = self.config
+        return SDARTS_EPSILON_START + (c.sdarts_epsilon - SDARTS_EPSILON_START) * epoch / c.epochs
+
     def diagnostics(self, genotype: Any) -> dict:
         """Collapse diagnostics for the epoch record: parameter-free share of the derived cells, mean alpha
         entropy per edge and, every `hessian_every` epochs, the dominant alpha-Hessian eigenvalue."""
@@ -420,6 +431,8 @@ class Searcher:
             out["regulariser_weight"] = self.regulariser_weight(self.epoch)
         if c.method_spec.decays_aux_skip:
             out["aux_skip"] = self.net.mixing.beta
+        if c.method_spec.smooths_weight_step:
+            out["sdarts_epsilon"] = self.net.mixing.epsilon
         return out
 
     def tau(self, epoch: int) -> float:
@@ -472,6 +485,8 @@ class Searcher:
                 self.net.mixing.tau = self.tau(epoch)
             if c.method_spec.decays_aux_skip:
                 self.net.mixing.beta = self.aux_skip(epoch)
+            if c.method_spec.smooths_weight_step:
+                self.net.mixing.epsilon = self.smoothing_epsilon(epoch)
             augment = self.split.black if c.augment else None  # both halves, as DARTS's search does
             train = data.epoch_batches(self.split.train, c.batch_size, c.seed, epoch, start=self.step, augment=augment)
             val = data.epoch_batches(self.split.val, c.batch_size, c.seed + 1, epoch, start=self.step, augment=augment)

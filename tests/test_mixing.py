@@ -51,7 +51,7 @@ def _op_output(cell):
 
 
 def test_registry_lists_the_rules():
-    assert MIXING.names() == ["softmax", "gumbel", "sample", "partial", "aux-skip", "dirichlet", "fixed"]
+    assert MIXING.names() == ["softmax", "gumbel", "sample", "partial", "aux-skip", "random-smoothing", "dirichlet", "fixed"]
     with pytest.raises(ValueError, match=r"unknown mixing rule 'snas'"):
         SearchNetwork("darts", 4, 3, 5, mixing="snas")
 
@@ -201,7 +201,8 @@ def test_rules_declare_the_properties_the_search_loop_and_meta_learner_read():
     props = {name: (MIXING.get(name).learns_alphas, MIXING.get(name).differentiable,
                     MIXING.get(name).anneals_temperature) for name in MIXING.names()}
     assert props == {"softmax": (True, True, False), "gumbel": (True, False, True), "sample": (False, False, False),
-                     "partial": (True, True, False), "aux-skip": (True, True, False), "dirichlet": (True, False, False),
+                     "partial": (True, True, False), "aux-skip": (True, True, False), "random-smoothing": (True, False, False),
+                     "dirichlet": (True, False, False),
                      "fixed": (False, False, False)}
     assert set(_net("darts", "partial").architecture()) == {"alphas", "betas"}
     assert set(_net("darts", "softmax").architecture()) == {"alphas"}

@@ -1,4 +1,4 @@
-"""DrNAS, beta-DARTS and DARTS- on tiny networks, their regularisers, and the collapse diagnostics."""
+"""DrNAS, beta-DARTS, DARTS- and SDARTS-RS on tiny networks, their regularisers, and the collapse diagnostics."""
 
 import json
 import math
@@ -9,13 +9,13 @@ import torch.nn.functional as F
 from test_search import TINY, Interrupt, stop_at
 
 import supernet
-from supernet import architect, data, runs
-from supernet.mixing import AuxSkip, Dirichlet
+from supernet import architect, batched_cell, cli, data, runs
+from supernet.mixing import AuxSkip, Dirichlet, RandomSmoothing
 from supernet.search_config import METHODS, SearchConfig
 from supernet.search_loop import Searcher, hessian_eigenvalue, mean_alpha_entropy, parameter_free_share
 from supernet.search_network import SearchNetwork
 
-ROBUST = ["drnas", "beta-darts", "darts-minus"]
+ROBUST = ["drnas", "beta-darts", "darts-minus", "sdarts"]
 SPACES = {"nb201": dict(space="nb201", C=4, layers=1), "darts": dict(space="darts", C=4, layers=2)}
 BASE = dict(epochs=1, batch_size=16, steps_per_epoch=2, max_train=TINY["max_train"], retrain_epochs=0)
 
@@ -69,6 +69,8 @@ def test_robust_methods_resume_bit_identically(method, split, tmp_path):
     (dict(hessian_every=1.5), "hessian_every must be a non-negative integer"),
     (dict(method="drnas", a_lr=0.0), "a_lr must be a positive finite number"),
     (dict(method="darts_minus"), "unknown method 'darts_minus'"),
+    *[(dict(method="sdarts", sdarts_epsilon=eps), r"sdarts_epsilon must be a number in \[0.03, 1\]")
+      for eps in (-0.1, 0.01, 1.5, float("nan"), float("inf"), "0.3", True)],
 ])
 def test_bad_options_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
@@ -79,6 +81,9 @@ def test_method_table_entries():
     assert METHODS["drnas"].mixing == "dirichlet" and METHODS["drnas"].regulariser == "dirichlet-kl"
     assert METHODS["beta-darts"].mixing == "softmax" and METHODS["beta-darts"].regulariser == "beta-decay"
     assert METHODS["darts-minus"].mixing == "aux-skip" and METHODS["darts-minus"].decays_aux_skip
+    assert METHODS["sdarts"].mixing == "random-smoothing" and METHODS["sdarts"].smooths_weight_step
+    assert METHODS["sdarts"].arch_first and SearchConfig(method="sdarts").sdarts_epsilon == 0.3  # SDARTS's code
+    assert not any(METHODS[m].smooths_weight_step for m in METHODS if m != "sdarts")
     assert all(METHODS[m].learns_alphas and METHODS[m].arch_order == 1 for m in ROBUST)
     assert SearchConfig(method="drnas").reg_scale == 0.0  # DrNAS's default: Adam weight decay, no KL term
     assert not Dirichlet.differentiable and Dirichlet.learns_alphas
@@ -278,3 +283,154 @@ def test_run_folder_holds_the_diagnostics_and_the_collapse_plot(tmp_path):
     assert results["paths"]["collapse_plot"].endswith("collapse.png")
     log = (result.run_dir / "log.txt").read_text()
     assert "parameter-free share" in log and "alpha entropy" in log and "alpha-Hessian eigenvalue" in log
+
+
+# --- SDARTS-RS ---------------------------------------------------------------------------------------
+def _sdarts_clip(row: list[float]) -> list[float]:
+    """SDARTS's `clip`, one edge at a time: clamp to [0, 1], an all-zero edge gets 1 on its largest entry,
+    then divide by the sum."""
+    top = max(range(len(row)), key=row.__getitem__)
+    clamped = [min(max(v, 0.0), 1.0) for v in row]
+    if sum(clamped) == 0:
+        clamped[top] = 1.0
+    return [v / sum(clamped) for v in clamped]
+
+
+def _expected_perturbed(alphas: torch.Tensor, epsilon: float, rng_state: torch.Tensor) -> tuple:
+    """(clip(softmax(alphas) + noise) in float64, noise): the noise drawn as U(-epsilon, epsilon) from `rng_state`."""
+    gen = torch.Generator().set_state(rng_state)
+    noise = torch.empty(alphas.shape, dtype=alphas.dtype).uniform_(-epsilon, epsilon, generator=gen)
+    noisy = (F.softmax(alphas, -1) + noise).double()
+    return torch.tensor([_sdarts_clip(row) for row in noisy.tolist()], dtype=torch.float64), noise
+
+
+def _plan_matrix(plan, shape) -> torch.Tensor:
+    """The (edges, ops) mixing weights a dense plan names (`none`, absent from the plan, left as nan)."""
+    w = torch.full(shape, float("nan"), dtype=torch.float64)
+    for node in plan:
+        for (e, k), v in zip(node.pairs, node.weights.tolist(), strict=True):
+            w[e, k] = v
+    return w
+
+
+def test_sdarts_clip_matches_a_hand_computation_with_dead_edges():
+    """eps = 1 on uniform edges: about 1% of the rows are clamped to all zeros and take their largest entry."""
+    rule = RandomSmoothing(epsilon=1.0)
+    alphas = torch.zeros(2000, 5)
+    state = torch.get_rng_state()
+    weights = rule.perturbed(alphas.softmax(-1))
+    expected, noise = _expected_perturbed(alphas, 1.0, state)
+    assert noise.abs().max() <= 1.0 and noise.abs().max() > 0.99
+    dead = ((F.softmax(alphas, -1) + noise) <= 0).all(-1)
+    assert int(dead.sum()) > 0  # the all-zero branch is exercised
+    torch.testing.assert_close(weights.double(), expected, rtol=1e-6, atol=1e-7)
+    assert torch.equal(weights[dead], F.one_hot((F.softmax(alphas, -1) + noise)[dead].argmax(-1), 5).float())
+    assert not weights.requires_grad and (weights >= 0).all()
+
+
+def test_sdarts_perturbs_the_weight_step_only(split):
+    """Each weight step's forward mixes with clip(softmax(alpha) + U(-eps, eps)) for that epoch's eps; the alpha
+    step and evaluation mix with softmax(alpha), and derivation ranks softmax(alpha)."""
+    config = SearchConfig(method="sdarts", sdarts_epsilon=0.5, **SPACES["nb201"], **dict(BASE, epochs=2))
+    searcher = Searcher(config, split)
+    rule, plan = searcher.net.mixing, searcher.net.mixing.plan
+    calls = []
+
+    def recording_plan(space, arch):
+        state = torch.get_rng_state()
+        plans = plan(space, arch)
+        calls.append((rule.perturb, rule.epsilon, state, arch["alphas"]["cell"].detach().clone(), plans["cell"]))
+        return plans
+
+    rule.plan = recording_plan
+    searcher.run()
+    perturbed = [c for c in calls if c[0]]
+    assert len(perturbed) == 2 * searcher.steps  # one forward per weight step
+    assert sorted({c[1] for c in perturbed}) == pytest.approx([0.03, 0.03 + 0.47 / 2])
+    assert len(calls) > len(perturbed) + 2 * searcher.steps - 1  # alpha steps and evaluations too
+    for is_perturbed, eps, state, alphas, cell_plan in calls:
+        got = _plan_matrix(cell_plan, alphas.shape)
+        if is_perturbed:
+            expected, noise = _expected_perturbed(alphas, eps, state)
+            assert noise.abs().max() <= eps
+            assert not torch.allclose(got.nan_to_num(), F.softmax(alphas, -1).double().nan_to_num(), atol=1e-4)
+        else:
+            expected = F.softmax(alphas, -1).double()
+        mask = ~got.isnan()
+        torch.testing.assert_close(got[mask], expected[mask], rtol=1e-5, atol=1e-6)
+    assert [r["sdarts_epsilon"] for r in searcher.history["epochs"]] == pytest.approx([0.03, 0.265])
+    net = searcher.net
+    torch.testing.assert_close(net.edge_strengths()["cell"], F.softmax(net.alphas("cell"), -1))
+
+
+def test_sdarts_epsilon_grows_linearly_as_in_sdarts(split):
+    searcher = Searcher(SearchConfig(method="sdarts", **SPACES["nb201"], **dict(BASE, epochs=4)), split)
+    assert [searcher.smoothing_epsilon(e) for e in range(4)] == pytest.approx([0.03, 0.0975, 0.165, 0.2325])
+    searcher.run()
+    assert [r["sdarts_epsilon"] for r in searcher.history["epochs"]] == pytest.approx([0.03, 0.0975, 0.165, 0.2325])
+    assert not searcher.net.mixing.perturb  # off outside the weight step
+
+
+def test_sdarts_is_deterministic_per_seed_and_its_noise_changes_the_search(split):
+    states = []
+    for method in ("sdarts", "sdarts", "darts"):
+        searcher = Searcher(SearchConfig(method=method, **SPACES["nb201"], **BASE), split)
+        searcher.run()
+        states.append(searcher.net.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(states[0].values(), states[1].values(), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(states[0].values(), states[2].values(), strict=True))
+
+
+@pytest.mark.parametrize("space", list(SPACES))
+def test_sdarts_perturbed_forward_agrees_on_the_fused_batched_and_reference_paths(space, monkeypatch):
+    """Perturbed weights (some clamped to 0) through the batched CPU cell and the per-edge reference path: the
+    same logits and weight gradients, and no gradient into the alphas (the perturbed weights are constants)."""
+    torch.manual_seed(0)
+    net = SearchNetwork(space, C=4, layers=SPACES[space]["layers"], num_classes=10, in_channels=1,
+                        mixing="random-smoothing").double()
+    net.mixing.epsilon = 0.3
+    with torch.no_grad():
+        for a in net.arch_parameters():
+            a.copy_(2 * torch.randn_like(a))
+    batched_calls = []
+    cell_nodes = batched_cell.cell_nodes
+    monkeypatch.setattr(batched_cell, "cell_nodes", lambda *a: batched_calls.append(1) or cell_nodes(*a))
+    x = torch.randn(8, 1, 8, 8, dtype=torch.double)
+    results = []
+    for fused in (True, False):
+        net.fused = fused
+        torch.manual_seed(1)
+        with net.mixing.perturbing():
+            plans = net.plans()
+            torch.manual_seed(1)
+            out = net(x)
+        grads = torch.autograd.grad(out.square().sum(), net.weight_parameters() + net.arch_parameters(),
+                                    allow_unused=True)
+        results.append((out.detach(), grads))
+        if fused:
+            assert batched_calls, "the batched cell computed no cell"
+    assert any((node.weights == 0).any() for plan in plans.values() for node in plan)
+    torch.testing.assert_close(results[0][0], results[1][0])
+    n_weights = len(net.weight_parameters())
+    for g_fused, g_reference in zip(results[0][1][:n_weights], results[1][1][:n_weights], strict=True):
+        if g_fused is None or g_reference is None:
+            assert g_fused is None and g_reference is None
+        else:
+            torch.testing.assert_close(g_fused, g_reference)
+    assert all(g is None for _, grads in results for g in grads[n_weights:])
+
+
+def test_sdarts_on_the_command_line(tmp_path, capsys):
+    args = ["search", "--out", str(tmp_path), "--method", "sdarts", "--space", "nb201", "--C", "4", "--layers", "1",
+            "--epochs", "2", "--batch-size", "16", "--steps-per-epoch", "1", "--max-train", "64",
+            "--retrain-epochs", "0", "--threads", "1", "--quiet"]
+    assert cli.main([*args, "--sdarts-epsilon", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("supernet search: error: sdarts_epsilon must be a number in [0.03, 1]")
+    assert "Traceback" not in err
+    assert not any(tmp_path.iterdir())
+    assert cli.main([*args, "--sdarts-epsilon", "0.23"]) == 0
+    (run_dir,) = tmp_path.iterdir()
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [r["sdarts_epsilon"] for r in results["history"]] == pytest.approx([0.03, 0.13])
+    assert results["config"]["method"] == "sdarts"

@@ -60,6 +60,8 @@ HELP = {
                  "(0, the default: weight decay --a-weight-decay, as DrNAS's default)",
     "beta_lambda": "beta-darts: the beta-decay regulariser's weight is beta_lambda * epoch / epochs "
                    "(beta-DARTS's NB201 code: 50)",
+    "sdarts_epsilon": "sdarts: the weight step's noise bound U(-eps, eps) on softmax(alpha) grows linearly from "
+                      "0.03 at the first epoch toward this (SDARTS's code: 0.3)",
     "hessian_every": "every N epochs, record the dominant eigenvalue of the validation-loss Hessian w.r.t. the "
                      "alphas (power iteration on one validation batch; 0: never)",
     "checkpoint_every": "also checkpoint every N steps inside an epoch (0: at epoch ends only)",
