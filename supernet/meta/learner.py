@@ -15,7 +15,7 @@ task gets its own copy of the running buffers, which are then dropped, so nothin
 
 Two paths compute these numbers. The reference path (`maml_meta_gradient`, `adapt_tasks`) vmaps
 `functional_call` of any module over the tasks; the folded path (`folded_meta_gradient`,
-`folded_adapt_tasks`) runs every task of a stack in one pass of `supernet.meta.folded` (1.9x faster a
+`folded_adapt_tasks`) runs every task of a stack in one pass of `supernet.meta.folded` (2.1x faster a
 meta-step, bench/bench_meta_step.py) and is what a MetaLearner uses wherever it covers the network
 (nb201 with softmax mixing).
 tests/test_meta_learner.py holds the folded path to the reference path.
