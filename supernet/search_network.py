@@ -52,7 +52,7 @@ class SearchCell(nn.Module):
         space = self.space
         states = [getattr(self, f"preprocess{i}", nn.Identity())(x) for i, x in enumerate(inputs)]
         if fused and batched_cell.applies(self, plan, states[0]):  # the CPU fast path: per state, channels_last
-            return space.cell_output(states + batched_cell.cell_nodes(self, states, plan))
+            return batched_cell.cell_output(space, states + batched_cell.cell_nodes(self, states, plan))
         for node, node_plan in zip(space.intermediate_nodes, plan):
             if node_plan.edge_weights is not None:
                 s = self._partial_node(node, node_plan, states, fused)

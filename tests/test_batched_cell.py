@@ -347,3 +347,24 @@ def test_strided_dilated_depthwise_is_a_conv_of_the_subsampled_input(k, side):
     assert torch.allclose(ours, theirs, rtol=1e-12, atol=1e-12)
     for a, b in zip(ours_grads, theirs_grads):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("incoming", ["channels_last", "contiguous"])  # from the next cell / from the classifier
+def test_cell_output_hands_each_node_a_channels_last_gradient(incoming):
+    space = SearchNetwork("darts", C=4, layers=2, num_classes=3).space
+    g = torch.Generator().manual_seed(0)
+    states = [torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=g).contiguous(memory_format=batched_cell.CL)
+              .requires_grad_() for _ in range(space.num_input_nodes + space.num_nodes)]
+    out = batched_cell.cell_output(space, states)
+    torch.testing.assert_close(out, space.cell_output(states), rtol=0, atol=0)
+    grad = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    if incoming == "channels_last":
+        grad = grad.contiguous(memory_format=batched_cell.CL)
+    got = torch.autograd.grad(out, states, grad, allow_unused=True)
+    expected = torch.autograd.grad(space.cell_output(states), states, grad, allow_unused=True)
+    for n, (a, b) in enumerate(zip(got, expected, strict=True)):
+        if n in space.output_nodes:
+            assert a.is_contiguous(memory_format=batched_cell.CL)
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        else:
+            assert a is None and b is None
