@@ -16,7 +16,7 @@ float rounding) as the per-edge path of `SearchCell.forward`, computed so:
     sum(g * BN(y)) through the scale's gradient, so neither BN(y) nor w * BN(y) is stored. Node sums are
     plain adds, which store nothing; the shared pool/skip outputs are stored once per state (addcmul).
   * state by state: the terms of every edge leaving a state, candidate by candidate; on small states
-    (`STACK_MAX_PIXELS`) the same conv candidate of all those edges runs as one chain over their channels
+    (`STACK_MAX_ELEMENTS`) the same conv candidate of all those edges runs as one chain over their channels
     stacked (`_stacked_chains`: fewer, larger calls where per-call cost dominates).
   * convolutions (`supernet.cpu_convs`): depthwise 'same' convs run through `Depthwise`, whose backward takes,
     by a FIXED rule (`flip_input_grad`, `gradient_as_kernel`, `split_weight_grad`; the measurements are beside
@@ -251,9 +251,12 @@ def _stride(pool: nn.Module) -> int:
 # on 4x4, 1.22x on 8x8; dil_conv_5x5 1.6-1.85x. In the whole small-config step, running those 5x5 cases
 # separately gained nothing (a one-off A/B: paired 0.99-1.07 at 1 thread, 1.03 at 2), so the rule reads the
 # state's size only.
-# On 16x16 states (1.03-1.39x) and the paper config's (N 64, 8x8 and up: 1.6-3.4x) the arithmetic outweighs
-# the calls saved: above STACK_MAX_PIXELS (N*H*W) the edges run one by one.
-STACK_MAX_PIXELS = 2048
+# On the paper config's states (N 64, 8x8 and up: 1.6-3.4x isolated; stacking its 8x8 stage cost 1.07x in the
+# whole step) the arithmetic outweighs the calls saved. The small config's 16x16 stage (N 32, C 8) lost too
+# (1.03-1.39x isolated) until the cell output handed its nodes channels_last gradients (`_ConcatChannels`); since
+# then stacking it gains in the whole step (one-off A/B, paired: 0.946 on one thread, 0.866 on two). The rule
+# reads the state's size, N*C*H*W: above STACK_MAX_ELEMENTS the edges run one by one.
+STACK_MAX_ELEMENTS = 65536
 _STACKABLE_LAYERS = (DEPTHWISE, POINTWISE, RELU, BATCH_NORM)
 
 
@@ -384,7 +387,7 @@ def cell_nodes(cell: nn.Module, states: Sequence[torch.Tensor], plan) -> list[to
             name, group = space.ops[k], leaving[src][k]
             ops = [edges[e].ops[name] for _, _, e in group]
             chains = [_chain(op) for op in ops]
-            small = x.shape[0] * x.shape[2] * x.shape[3] <= STACK_MAX_PIXELS
+            small = x.numel() <= STACK_MAX_ELEMENTS
             if len(group) > 1 and small and all(chain is not None and _stackable(chain) for chain in chains):
                 w = torch.stack([weights[j][i] for j, i, _ in group])
                 for (j, _, _), term in zip(group, _stacked_chains(chains, st.relu(), w)):

@@ -197,7 +197,7 @@ def test_block_diagonal_pointwise_equals_each_edges_conv():
 
 
 def test_edges_are_stacked_only_on_small_states_and_give_the_per_edge_numbers(monkeypatch):
-    """The stacked chains run (a spy counts them) on the small states and not above STACK_MAX_PIXELS, and the
+    """The stacked chains run (a spy counts them) on the small states and not above STACK_MAX_ELEMENTS, and the
     network's logits, gradients and running statistics equal the per-edge path's in float64."""
     ref, net = _pair(C=4, layers=3)
     x = torch.randn(4, 3, 8, 8)
@@ -205,7 +205,7 @@ def test_edges_are_stacked_only_on_small_states_and_give_the_per_edge_numbers(mo
     stacked = batched_cell._stacked_chains
     monkeypatch.setattr(batched_cell, "_stacked_chains", lambda *a: calls.append(a[1].shape) or stacked(*a))
     got = _grads(net, x, torch.float64, False)
-    assert calls and all(s[0] * s[2] * s[3] <= batched_cell.STACK_MAX_PIXELS for s in calls)
+    assert calls and all(s.numel() <= batched_cell.STACK_MAX_ELEMENTS for s in calls)
     batched_cell.LEVERS["stack_edges"] = False
     expected = _grads(net, x, torch.float64, False)
     _assert_same(got, expected)
@@ -213,7 +213,7 @@ def test_edges_are_stacked_only_on_small_states_and_give_the_per_edge_numbers(mo
         assert _err(got[2][k], expected[2][k]) < 1e-12, k
     batched_cell.LEVERS["stack_edges"] = True
     calls.clear()
-    monkeypatch.setattr(batched_cell, "STACK_MAX_PIXELS", 4 * 4 * 4 - 1)  # the last stage (2x2) only
+    monkeypatch.setattr(batched_cell, "STACK_MAX_ELEMENTS", 4 * 16 * 2 * 2)  # the last stage (N 4, C 16, 2x2) only
     _grads(net, x, torch.float64, False)
     assert calls and all(s[2] < 4 for s in calls)
 
