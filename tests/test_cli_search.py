@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -120,24 +119,36 @@ def test_tensors_from_a_file_and_progress_output(tmp_path, capsys):
         load_run(run_dir, data=(x + 1, y))
 
 
+# The search CLI in a child process that stops itself (SIGSTOP) right after writing its step-2 checkpoint, so the
+# test kills it at a known point however fast the steps run and however loaded the cores are.
+STOP_AFTER_STEP_2 = """
+import os, signal, sys
+from supernet import cli, runs
+save = runs.save_checkpoint
+def save_then_stop(path, state):
+    out = save(path, state)
+    if state["step"] == 2 and not state["search_done"]:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return out
+runs.save_checkpoint = save_then_stop
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
 def test_killed_run_resumes_to_identical_alphas(uninterrupted, tmp_path, capsys):
     run_dir = tmp_path / "killed"
     env = dict(os.environ, PYTHONHASHSEED="0")
-    proc = subprocess.Popen([sys.executable, "-m", "supernet.cli", "search", *TINY, "--run-dir", str(run_dir),
+    proc = subprocess.Popen([sys.executable, "-c", STOP_AFTER_STEP_2, "search", *TINY, "--run-dir", str(run_dir),
                              "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    checkpoint = run_dir / "checkpoint.pt"
-    deadline = time.monotonic() + 300
     try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if checkpoint.exists() and runs.load_checkpoint(checkpoint)["step"] >= 2:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, proc.stderr.read().decode()
+        _, status = os.waitpid(proc.pid, os.WUNTRACED)  # returns when the child stops itself (or exits)
+        assert os.WIFSTOPPED(status), proc.stderr.read().decode()
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait()
+    checkpoint = run_dir / "checkpoint.pt"
     state = runs.load_checkpoint(checkpoint)
-    assert not state["search_done"] and not (run_dir / "results.json").exists()
+    assert state["step"] == 2 and not state["search_done"] and not (run_dir / "results.json").exists()
 
     assert cli.main(["search", "--resume", str(run_dir), "--epochs", "3", "--quiet"]) == 2
     assert "different config: epochs=2 in the checkpoint, 3 here" in capsys.readouterr().err
