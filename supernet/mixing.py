@@ -105,7 +105,12 @@ class Softmax(MixingRule):
     differentiable = True
 
     def plan(self, space, arch):
-        return {ct: _dense_plan(space, F.softmax(arch["alphas"][ct], dim=-1)) for ct in space.cell_types}
+        return {ct: _dense_plan(space, self.mixing_weights(space, arch["alphas"][ct])) for ct in space.cell_types}
+
+    def mixing_weights(self, space: CellSpace, alphas: torch.Tensor) -> torch.Tensor:
+        """The (edges, ops) weights the next forward mixes with: softmax(alpha). Rules built on softmax
+        (DARTS-, SDARTS-RS) adjust them here."""
+        return F.softmax(alphas, dim=-1)
 
 
 @MIXING.register("gumbel")
@@ -250,15 +255,12 @@ class AuxSkip(Softmax):
     def beta(self, value: float) -> None:
         self._beta = number("auxiliary skip weight beta", value, non_negative=True)
 
-    def plan(self, space, arch):
+    def mixing_weights(self, space, alphas):
+        weights = super().mixing_weights(space, alphas)
+        if not self.beta:
+            return weights
         skip = space.ops.index("skip_connect")
-        plans = {}
-        for ct in space.cell_types:
-            weights = F.softmax(arch["alphas"][ct], dim=-1)
-            if self.beta:
-                weights = weights + self.beta * F.one_hot(torch.tensor(skip), len(space.ops)).to(weights)
-            plans[ct] = _dense_plan(space, weights)
-        return plans
+        return weights + self.beta * F.one_hot(torch.tensor(skip), len(space.ops)).to(weights)
 
     def extra_repr(self):
         return f"beta={self.beta}"
@@ -310,14 +312,9 @@ class RandomSmoothing(Softmax):
         clamped = torch.where(dead, fallback, clamped)
         return clamped / clamped.sum(dim=-1, keepdim=True)
 
-    def plan(self, space, arch):
-        plans = {}
-        for ct in space.cell_types:
-            weights = F.softmax(arch["alphas"][ct], dim=-1)
-            if self.perturb and self.epsilon:
-                weights = self.perturbed(weights)
-            plans[ct] = _dense_plan(space, weights)
-        return plans
+    def mixing_weights(self, space, alphas):
+        weights = super().mixing_weights(space, alphas)
+        return self.perturbed(weights) if self.perturb and self.epsilon else weights
 
     def extra_repr(self):
         return f"epsilon={self.epsilon}"
