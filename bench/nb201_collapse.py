@@ -67,12 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     options = dict(C=args.C, layers=args.layers, epochs=args.epochs, batch_size=args.batch_size,
                    dataset=args.dataset, data_dir=args.data_dir)
-    if args.a_lr is not None:
-        options["a_lr"] = args.a_lr
-    if args.arch_warmup_epochs is not None:
-        options["arch_warmup_epochs"] = args.arch_warmup_epochs
-    if args.sdarts_epsilon is not None:
-        options["sdarts_epsilon"] = args.sdarts_epsilon
+    for name in ("a_lr", "arch_warmup_epochs", "sdarts_epsilon"):  # unset: each method's own value
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     from strategies.evaluators import TabularBenchmark
 
