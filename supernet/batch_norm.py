@@ -38,6 +38,14 @@ def count_batch(bn: nn.BatchNorm2d) -> float:
     return 0.0 if bn.momentum is None else bn.momentum
 
 
+def count_batches(bns: list[nn.BatchNorm2d]) -> float:
+    """`count_batch` for batch norms of the same momentum (not None), counted in one call; their factor."""
+    first = bns[0]
+    if first.training and first.track_running_stats:
+        torch._foreach_add_([bn.num_batches_tracked for bn in bns], 1)
+    return first.momentum
+
+
 @torch.no_grad()
 def update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, unbiased_var: torch.Tensor, factor: float) -> None:
     """Moves bn's running statistics toward a batch's mean and unbiased variance by `factor` (if it keeps any)."""

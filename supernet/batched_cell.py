@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dispatch
-from .batch_norm import count_batch, unbiased_variance, update_running_stats, uses_batch_stats_only
+from .batch_norm import count_batch, count_batches, unbiased_variance, update_running_stats, uses_batch_stats_only
 from .cpu_convs import BlockDiagonalPointwise, Depthwise, pointwise_mm, pointwise_pixels_per_row, subsampled_depthwise
 from .ops import FactorizedReduce, Identity, ReLUSequential, StartsWithReLU, WrappedReLUSequential, pool_parts
 
@@ -116,8 +116,15 @@ def shared_batch_norm(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d]) -> torch.T
                                                 count_batch(first), first.eps)
     with torch.no_grad():
         unbiased = unbiased_variance(invstd.pow(-2) - first.eps, y)
-    for bn in bns[1:]:
-        update_running_stats(bn, mean, unbiased, count_batch(bn))
+        rest = bns[1:]
+        if first.momentum is not None and all(bn.momentum == first.momentum and bn.running_mean is not None for bn in rest):
+            factor = count_batches(rest)  # one call per statistic for them all
+            running = [bn.running_mean for bn in rest] + [bn.running_var for bn in rest]
+            torch._foreach_mul_(running, 1 - factor)
+            torch._foreach_add_(running, [mean] * len(rest) + [unbiased] * len(rest), alpha=factor)
+        else:
+            for bn in rest:
+                update_running_stats(bn, mean, unbiased, count_batch(bn))
     return out
 
 
@@ -274,18 +281,14 @@ def _stacked_batch_norm(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d], scale: t
     """The E plain batch norms `bns` of E edges stacked along y's channels, as one; `scale`: the mixing weights
     over the channels (or None). Each module's running statistics move as its own batch norm would move them."""
     first = bns[0]
-    factor = count_batch(first)
-    for bn in bns[1:]:
-        count_batch(bn)  # the same momentum (`_stackable`): the same factor
+    factor = count_batches(bns)  # the same momentum (`_stackable`): the same factor
     if first.running_mean is None:
         return F.batch_norm(y, None, None, scale, None, True, factor, first.eps)
-    mean = torch.cat([bn.running_mean for bn in bns])
-    var = torch.cat([bn.running_var for bn in bns])
+    running = [bn.running_mean for bn in bns] + [bn.running_var for bn in bns]
+    mean, var = torch.cat(running[:len(bns)]), torch.cat(running[len(bns):])
     out = F.batch_norm(y, mean, var, scale, None, True, factor, first.eps)
     with torch.no_grad():
-        for bn, m, v in zip(bns, mean.chunk(len(bns)), var.chunk(len(bns))):
-            bn.running_mean.copy_(m)
-            bn.running_var.copy_(v)
+        torch._foreach_copy_(running, mean.chunk(len(bns)) + var.chunk(len(bns)))
     return out
 
 
@@ -300,11 +303,11 @@ def _stacked_chains(chains: Sequence, r: torch.Tensor, weights: torch.Tensor) ->
         if kind == DEPTHWISE:  # the first on E copies of the input, edge-major along channels
             y = _depthwise(y, first, torch.cat([m.weight for m in modules]), copies=n if step == 0 else 1)
         elif kind == POINTWISE:
-            flat = [m.weight.flatten(1) for m in modules]
+            stacked = torch.stack([m.weight for m in modules]).flatten(2)  # (E, O, C)
             if step == 0:  # one input for every edge: their weights one above the other
-                y = _pointwise(y, torch.cat(flat))
+                y = _pointwise(y, stacked.flatten(0, 1))
             else:
-                y = BlockDiagonalPointwise.apply(y, torch.stack(flat))
+                y = BlockDiagonalPointwise.apply(y, stacked)
         elif kind == CONV:  # the first layer only (`_stackable`): the edges' kernels one above the other
             y = F.conv2d(y, torch.cat([m.weight for m in modules]), None, first.stride, first.padding,
                          first.dilation)

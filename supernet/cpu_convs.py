@@ -182,13 +182,22 @@ def pointwise_pixels_per_row(n: int, c_in: int, h: int, w: int) -> int:
     return 2 if c_in <= PW_PAIR_MAX_CHANNELS and rows % 2 == 0 else 0
 
 
+def block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
+    """The (E*O, E*C) matrix with the E blocks of `blocks` (E, O, C) on its diagonal: two calls, where
+    torch.block_diag(*blocks) makes one per block (and as many again to unbind them)."""
+    e, o, c = blocks.shape
+    out = blocks.new_zeros(e, o, e, c)
+    out.diagonal(dim1=0, dim2=2).copy_(blocks.permute(1, 2, 0))
+    return out.view(e * o, e * c)
+
+
 def pointwise_mm(x: torch.Tensor, w: torch.Tensor, pixels: int) -> torch.Tensor:
     """A 1x1 conv of a channels_last x as one matmul over its (N*H*W / pixels, pixels * C) view, against
     `pixels` copies of the weight on the diagonal: no copy of x, output channels_last."""
     n, c, h, wd = x.shape
     weight = w.view(w.shape[0], c)
     if pixels > 1:
-        weight = torch.block_diag(*[weight] * pixels)
+        weight = block_diagonal(weight.expand(pixels, -1, -1))
     y = torch.mm(x.permute(0, 2, 3, 1).reshape(-1, pixels * c), weight.t())
     return y.view(n, h, wd, -1).permute(0, 3, 1, 2)
 
@@ -202,7 +211,7 @@ class BlockDiagonalPointwise(torch.autograd.Function):
         n, _, h, w = y.shape
         rows = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
         ctx.save_for_backward(rows, weights)
-        out = torch.mm(rows, torch.block_diag(*weights).t())
+        out = torch.mm(rows, block_diagonal(weights).t())
         return out.view(n, h, w, -1).permute(0, 3, 1, 2)
 
     @staticmethod
@@ -213,8 +222,8 @@ class BlockDiagonalPointwise(torch.autograd.Function):
         g_rows = g.permute(0, 2, 3, 1).reshape(-1, e * o)
         gy = gw = None
         if ctx.needs_input_grad[0]:
-            gy = torch.mm(g_rows, torch.block_diag(*weights)).view(n, h, w, -1).permute(0, 3, 1, 2)
+            gy = torch.mm(g_rows, block_diagonal(weights)).view(n, h, w, -1).permute(0, 3, 1, 2)
         if ctx.needs_input_grad[1]:
             full = torch.mm(g_rows.t(), rows)  # (E*O, E*C): the diagonal blocks are the edges' gradients
-            gw = torch.stack([full[i * o:(i + 1) * o, i * c:(i + 1) * c] for i in range(e)])
+            gw = full.view(e, o, e, c).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
         return gy, gw

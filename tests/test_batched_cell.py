@@ -179,6 +179,14 @@ def test_depthwise_conv_of_input_copies_equals_the_conv_of_the_repeated_input(co
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("edges, o, c", [(1, 2, 3), (3, 5, 4), (4, 8, 8)])
+def test_block_diagonal_equals_torch_block_diag(edges, o, c):
+    blocks = torch.randn(edges, o, c, dtype=torch.float64)
+    assert torch.equal(cpu_convs.block_diagonal(blocks), torch.block_diag(*blocks))
+    # two pixels a row (`pointwise_mm`): the same weight twice, given as an expanded view
+    assert torch.equal(cpu_convs.block_diagonal(blocks[0].expand(2, -1, -1)), torch.block_diag(blocks[0], blocks[0]))
+
+
 def test_block_diagonal_pointwise_equals_each_edges_conv():
     torch.manual_seed(0)
     edges, c, o = 3, 4, 5
