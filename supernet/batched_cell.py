@@ -261,9 +261,10 @@ def _stride(pool: nn.Module) -> int:
 # On the paper config's states (N 64, 8x8 and up: 1.6-3.4x isolated; stacking its 8x8 stage cost 1.07x in the
 # whole step) the arithmetic outweighs the calls saved. The small config's 16x16 stage (N 32, C 8) measured
 # 1.03-1.39x isolated once; re-measured on 2026-11-29 it reads 0.68-1.05x, and stacking it gains in the whole step
-# (one-off A/B after `_ConcatChannels`, paired: 0.946-0.957 on one thread, 0.866-0.892 on two). The rule reads
-# the state's size, N*C*H*W: above STACK_MAX_ELEMENTS the edges run one by one.
-STACK_MAX_ELEMENTS = 65536
+# (one-off A/B after `_ConcatChannels`, paired: 0.946-0.957 on one thread, 0.866-0.892 on two). So do the inputs
+# of its first reduction cell (N 32, C 16, 16x16: 131,072 elements; whole step 0.965-0.98 on two threads, 0.986 on
+# one). The rule reads the state's size, N*C*H*W: above STACK_MAX_ELEMENTS the edges run one by one.
+STACK_MAX_ELEMENTS = 131072
 _STACKABLE_LAYERS = (DEPTHWISE, POINTWISE, RELU, BATCH_NORM)
 
 
