@@ -32,11 +32,19 @@ CL = torch.channels_last
 #     kernel (every (sample, channel) pair a group, the dilation as its stride), taking precedence over the
 #     rules above (`python bench/bench_cpu_rules.py`, idle machine): 5x5 on tensors of < 2**17 elements
 #     (1.2-2.5x faster than the best other at N 32, C 8-32, sides 4-16, both dilations; a tie at C 32, side 4,
-#     dilation 1) and on sides >= 32 (1.4-1.5x faster than oneDNN at N 64, C 16; at dilation 1 there the
-#     3x3 split measured 1.15x faster still, a refinement not yet taken); 3x3 dilation 2 on sides <= 4
-#     (1.1x; on sides 8-16 the polyphase split was 1.4-6x faster).
+#     dilation 1), on sides <= 16 up to 2**18 elements once its input reached oneDNN channels_last
+#     (`KERNEL_CL_MAX_SIDE`; whole step paired 0.97 for the small config, one and two threads, 0.96 for the
+#     paper config, one thread), and on sides >= 32 (1.4-1.5x faster than oneDNN at N 64, C 16; at dilation 1
+#     there the 3x3 split measured 1.15x faster still, a refinement not yet taken); 3x3 dilation 2 on sides
+#     <= 4 (1.1x; on sides 8-16 the polyphase split was 1.4-6x faster).
 SPLIT_MAX_SIDE = 8
 SPLIT_MIN_NUMEL = 2 ** 17
+
+# The padded input of `grad_weight_as_conv` reaches oneDNN as a one-image tensor of N*C channels. In NCHW, oneDNN
+# reorders it (and the output) to its blocked layout around a conv that takes less time than the reorders; in
+# channels_last it takes the input as it is: 0.6-0.9x the time on sides up to 16 (N 32-64, C 8-128, 5x5 and
+# dilated 3x3, 1 and 2 threads), 1.0-1.16x on sides of 32, where NCHW stays.
+KERNEL_CL_MAX_SIDE = 16
 
 
 def flip_input_grad(k: int, stride: int, dilation: int) -> bool:
@@ -62,7 +70,8 @@ def gradient_as_kernel(k: int, stride: int, dilation: int, shape: Sequence[int])
     if stride != 1 or dilation not in (1, 2):
         return False
     if k == 5:
-        return n * c * h * w < SPLIT_MIN_NUMEL or min(h, w) >= 32
+        return (n * c * h * w < SPLIT_MIN_NUMEL or min(h, w) >= 32
+                or (max(h, w) <= KERNEL_CL_MAX_SIDE and n * c * h * w <= 2 * SPLIT_MIN_NUMEL))
     return k == 3 and dilation == 2 and max(h, w) <= 4
 
 
@@ -90,13 +99,6 @@ def grad_weight_split(x: torch.Tensor, g: torch.Tensor, k: int, dilation: int) -
             crop = xp[:, :, i0:i0 + h + 2, j0:j0 + wd + 2].contiguous(memory_format=CL)
             out[:, :, i0:i0 + 3, j0:j0 + 3] = aten_grads(g, crop, w3, 1, 0, 1, [False, True, False])[1]
     return out
-
-
-# The padded input of `grad_weight_as_conv` reaches oneDNN as a one-image tensor of N*C channels. In NCHW, oneDNN
-# reorders it (and the output) to its blocked layout around a conv that takes less time than the reorders; in
-# channels_last it takes the input as it is: 0.6-0.9x the time on sides up to 16 (N 32-64, C 8-128, 5x5 and
-# dilated 3x3, 1 and 2 threads), 1.0-1.16x on sides of 32, where NCHW stays.
-KERNEL_CL_MAX_SIDE = 16
 
 
 def grad_weight_as_conv(x: torch.Tensor, g: torch.Tensor, k: int, dilation: int) -> torch.Tensor:

@@ -136,7 +136,8 @@ def test_other_spaces_and_odd_sizes_match_the_per_edge_path(space, side):
 
 
 @pytest.mark.parametrize("k,dilation,stride,side", [(3, 1, 1, 8), (5, 1, 1, 8), (3, 2, 1, 8), (5, 2, 1, 8),
-                                                    (5, 2, 1, 7), (3, 1, 2, 8), (5, 2, 2, 8)])
+                                                    (5, 2, 1, 7), (3, 1, 2, 8), (5, 2, 2, 8),
+                                                    (5, 1, 1, 32)])  # 32: the NCHW input of `grad_weight_as_conv`
 def test_depthwise_backward_alternatives_equal_the_conv_gradients(k, dilation, stride, side):
     torch.manual_seed(0)
     c, pad = 3, dilation * (k - 1) // 2
