@@ -37,6 +37,9 @@ CL = torch.channels_last
 #     paper config, one thread), and on sides >= 32 (1.4-1.5x faster than oneDNN at N 64, C 16; at dilation 1
 #     there the 3x3 split measured 1.15x faster still, a refinement not yet taken); 3x3 dilation 2 on sides
 #     <= 4 (1.1x; on sides 8-16 the polyphase split was 1.4-6x faster).
+#   weight gradient, stride 2 (the reduction cells), as that conv with the output gradient's taps spread 2
+#     apart: 5x5 on sides <= 16 (0.45-0.97x oneDNN's time at N 32, C 16-128, 1 and 2 threads; 0.86-0.9x at N 64,
+#     C 128, side 16); not 3x3 (3.4-5x slower) nor sides of 32 (2.4-2.6x slower).
 SPLIT_MAX_SIDE = 8
 SPLIT_MIN_NUMEL = 2 ** 17
 
@@ -67,6 +70,8 @@ def gradient_as_kernel(k: int, stride: int, dilation: int, shape: Sequence[int])
     """Whether the weight gradient of a depthwise conv of an input of `shape` runs as a conv whose kernel is
     the output gradient (`grad_weight_as_conv`)."""
     n, c, h, w = shape
+    if stride == 2:  # the reduction cells' 5x5 (`grad_weight_as_conv` of stride 2)
+        return k == 5 and dilation == 1 and max(h, w) <= KERNEL_CL_MAX_SIDE
     if stride != 1 or dilation not in (1, 2):
         return False
     if k == 5:
@@ -101,18 +106,19 @@ def grad_weight_split(x: torch.Tensor, g: torch.Tensor, k: int, dilation: int) -
     return out
 
 
-def grad_weight_as_conv(x: torch.Tensor, g: torch.Tensor, k: int, dilation: int) -> torch.Tensor:
-    """d/dw of a stride-1 'same' depthwise conv: dw[c, i, j] = sum over n of the correlation of x[n, c] (padded)
-    with g[n, c] at offset dilation * (i, j), one depthwise conv with a kernel of the image's size, N*C groups
-    and the dilation as its stride."""
+def grad_weight_as_conv(x: torch.Tensor, g: torch.Tensor, k: int, dilation: int, stride: int = 1) -> torch.Tensor:
+    """d/dw of a 'same'-padded depthwise conv: dw[c, i, j] = sum over n of the correlation of x[n, c] (padded)
+    with g[n, c] spread `stride` apart, at offset dilation * (i, j): one depthwise conv with the output gradient
+    as its kernel (dilated by the stride), N*C groups and the dilation as its stride, cropped to k x k."""
     n, c, h, w = x.shape
+    ho, wo = g.shape[-2:]
     p = dilation * (k // 2)
     if max(h, w) <= KERNEL_CL_MAX_SIDE:  # (1, N*C, H + 2p, W + 2p) channels_last: memory (H, W, N, C)
         xp = F.pad(x.permute(2, 3, 0, 1), (0, 0, 0, 0, p, p, p, p))
         xp = xp.view(1, h + 2 * p, w + 2 * p, n * c).permute(0, 3, 1, 2)
     else:
         xp = F.pad(x, (p, p, p, p)).reshape(1, n * c, h + 2 * p, w + 2 * p)
-    out = F.conv2d(xp, g.reshape(n * c, 1, h, w), None, dilation, 0, 1, n * c)
+    out = F.conv2d(xp, g.reshape(n * c, 1, ho, wo), None, dilation, 0, stride, n * c)[:, :, :k, :k]
     return out.reshape(n, c, k, k).sum(0).unsqueeze(1)
 
 
@@ -155,7 +161,7 @@ class Depthwise(torch.autograd.Function):
             gx = sum_copies(gx, copies) if copies > 1 else gx
         if need_w:
             if gradient_as_kernel(k, stride, dilation, x.shape):
-                gw = grad_weight_as_conv(x, g, k, dilation)
+                gw = grad_weight_as_conv(x, g, k, dilation, stride)
             elif split_weight_grad(k, stride, dilation, x.shape):
                 gw = grad_weight_split(x, g, k, dilation)
             else:

@@ -137,6 +137,7 @@ def test_other_spaces_and_odd_sizes_match_the_per_edge_path(space, side):
 
 @pytest.mark.parametrize("k,dilation,stride,side", [(3, 1, 1, 8), (5, 1, 1, 8), (3, 2, 1, 8), (5, 2, 1, 8),
                                                     (5, 2, 1, 7), (3, 1, 2, 8), (5, 2, 2, 8),
+                                                    (5, 1, 2, 8), (5, 1, 2, 7),
                                                     (5, 1, 1, 32)])  # 32: the NCHW input of `grad_weight_as_conv`
 def test_depthwise_backward_alternatives_equal_the_conv_gradients(k, dilation, stride, side):
     torch.manual_seed(0)
@@ -158,8 +159,8 @@ def test_depthwise_backward_alternatives_equal_the_conv_gradients(k, dilation, s
         if dilation == 1 or side % 2 == 0:
             split = cpu_convs.grad_weight_split(x, g, k, dilation)
             torch.testing.assert_close(split, expected[1], rtol=1e-10, atol=1e-10)
-        as_conv = cpu_convs.grad_weight_as_conv(x, g, k, dilation)
-        torch.testing.assert_close(as_conv, expected[1], rtol=1e-10, atol=1e-10)
+    as_conv = cpu_convs.grad_weight_as_conv(x, g, k, dilation, stride)
+    torch.testing.assert_close(as_conv, expected[1], rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("copies,stride,dilation", [(3, 1, 1), (2, 1, 2), (4, 2, 1)])
