@@ -26,18 +26,24 @@ def optional_integer(name: str, value: Any, minimum: int = 1) -> int | None:
 
 
 def number(name: str, value: Any, *, positive: bool = False, non_negative: bool = False,
-           maximum: float | None = None, open_maximum: bool = False) -> float:
-    """`value` as a finite float; optionally > 0, >= 0, and <= (or <) `maximum`."""
+           minimum: float | None = None, maximum: float | None = None, open_maximum: bool = False) -> float:
+    """`value` as a finite float; optionally > 0, >= 0, >= `minimum`, and <= (or <) `maximum`."""
     ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
     if ok and positive:
         ok = value > 0
     if ok and non_negative:
         ok = value >= 0
+    if ok and minimum is not None:
+        ok = value >= minimum
     if ok and maximum is not None:
         ok = value < maximum if open_maximum else value <= maximum
     if not ok:
         what = "a positive finite" if positive else "a non-negative finite" if non_negative else "a finite"
-        bound = "" if maximum is None else f" {'below' if open_maximum else 'at most'} {maximum}"
+        if minimum is not None and maximum is not None and not open_maximum:
+            bound = f" in [{minimum}, {maximum}]"
+        else:
+            bound = "" if minimum is None else f" at least {minimum}"
+            bound += "" if maximum is None else f" {'below' if open_maximum else 'at most'} {maximum}"
         raise ValueError(f"{name} must be {what} number{bound}, got {value!r}")
     return float(value)
 

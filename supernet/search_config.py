@@ -188,10 +188,8 @@ class SearchConfig:
         if m.learns_alphas and self.arch_warmup_epochs >= self.epochs:
             raise ValueError(f"arch_warmup_epochs={self.arch_warmup_epochs} must be below epochs={self.epochs}: "
                              f"{self.method} would never train its architecture parameters")
-        eps = self.sdarts_epsilon
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not SDARTS_EPSILON_START <= eps <= 1:
-            raise ValueError(f"sdarts_epsilon must be a number in [{SDARTS_EPSILON_START}, 1] (the noise bound grows "
-                             f"from {SDARTS_EPSILON_START} at the first epoch toward it), got {eps!r}")
+        # the noise bound grows from SDARTS_EPSILON_START at the first epoch toward sdarts_epsilon
+        checks.number("sdarts_epsilon", self.sdarts_epsilon, minimum=SDARTS_EPSILON_START, maximum=1)
         if m.anneals_temperature and self.tau_min > self.tau_max:
             raise ValueError(f"tau_min={self.tau_min} must not exceed tau_max={self.tau_max}")
 

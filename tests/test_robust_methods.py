@@ -69,7 +69,7 @@ def test_robust_methods_resume_bit_identically(method, split, tmp_path):
     (dict(hessian_every=1.5), "hessian_every must be a non-negative integer"),
     (dict(method="drnas", a_lr=0.0), "a_lr must be a positive finite number"),
     (dict(method="darts_minus"), "unknown method 'darts_minus'"),
-    *[(dict(method="sdarts", sdarts_epsilon=eps), r"sdarts_epsilon must be a number in \[0.03, 1\]")
+    *[(dict(method="sdarts", sdarts_epsilon=eps), r"sdarts_epsilon must be a finite number in \[0.03, 1\]")
       for eps in (-0.1, 0.01, 1.5, float("nan"), float("inf"), "0.3", True)],
 ])
 def test_bad_options_are_refused(options, message):
@@ -426,7 +426,7 @@ def test_sdarts_on_the_command_line(tmp_path, capsys):
             "--retrain-epochs", "0", "--threads", "1", "--quiet"]
     assert cli.main([*args, "--sdarts-epsilon", "0.01"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("supernet search: error: sdarts_epsilon must be a number in [0.03, 1]")
+    assert err.startswith("supernet search: error: sdarts_epsilon must be a finite number in [0.03, 1]")
     assert "Traceback" not in err
     assert not any(tmp_path.iterdir())
     assert cli.main([*args, "--sdarts-epsilon", "0.23"]) == 0
