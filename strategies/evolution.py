@@ -8,11 +8,11 @@ from typing import Any
 from supernet import checks
 
 from .base import STRATEGIES, Strategy
-from .warm_start import WarmStart
+from .warm_start import WarmStarted
 
 
 @STRATEGIES.register("evolution")
-class RegularizedEvolution(Strategy):
+class RegularizedEvolution(WarmStarted, Strategy):
     """A population of the `population` latest trials: the first are random, then each child mutates
     (one op or one input edge, `space.mutate`) the best of `sample_size` members drawn at random,
     and the oldest member dies. With a zero-cost warm start (`warm_start="synflow"` etc.), the first
@@ -29,15 +29,13 @@ class RegularizedEvolution(Strategy):
         self.population_size = population
         self.sample_size = sample_size
         self.population: deque[tuple[Any, float]] = deque()  # (genotype, reward), oldest first
-        self.warm_start, self.warm_pool, self.proxy_options = warm_start, warm_pool, dict(proxy_options or {})
-        self.warm = None if warm_start is None else WarmStart(warm_start, warm_pool, proxy_options)
+        self._set_warm_start(warm_start, warm_pool, proxy_options)
 
     def config(self) -> dict[str, Any]:
-        return {"population": self.population_size, "sample_size": self.sample_size,
-                "warm_start": self.warm_start, "warm_pool": self.warm_pool, "proxy_options": self.proxy_options}
+        return {"population": self.population_size, "sample_size": self.sample_size, **self.warm_config()}
 
     def _propose(self) -> Any:
-        warm = None if self.warm is None else self.warm.next_cell(self, self.population_size)
+        warm = self.warm_cell(self.population_size)
         if warm is not None:
             return warm
         if len(self.population) < self.population_size:

@@ -29,7 +29,7 @@ import numpy as np
 
 from .base import STRATEGIES, Strategy
 from .encoding import DecisionSpace
-from .warm_start import WarmStart
+from .warm_start import WarmStarted
 
 # Candidates drawn per acquisition before giving up on finding new ones (a nearly exhausted space).
 MAX_CANDIDATE_DRAWS = 20
@@ -194,7 +194,7 @@ class AllCells:
 
 
 @STRATEGIES.register("bananas")
-class Bananas(Strategy):
+class Bananas(WarmStarted, Strategy):
     """BANANAS: `initial` random cells (or the best of a zero-cost-ranked pool), then per round an
     ensemble fitted on every trial so far scores the candidates: every unseen cell of a small space (see
     the module docstring); in a larger one every one-op neighbour of the `neighbourhood` best trials,
@@ -243,9 +243,7 @@ class Bananas(Strategy):
                 not 0 <= floor_quantile < 1:
             raise ValueError(f"floor_quantile must be in [0, 1), got {floor_quantile!r}")
         self.floor_quantile = float(floor_quantile)
-        self.warm_start, self.warm_pool = warm_start, warm_pool
-        self.proxy_options = dict(proxy_options or {})
-        self.warm = None if warm_start is None else WarmStart(warm_start, warm_pool, proxy_options)
+        self._set_warm_start(warm_start, warm_pool, proxy_options)
         self.encoder = PathEncoder(self.space)
         self.all_cells = AllCells.of(self.space, self.encoder)
         self._codes: dict[str, np.ndarray] = {}
@@ -256,11 +254,6 @@ class Bananas(Strategy):
         self.model: MLPEnsemble | None = None
         self.fits = 0
 
-    @property
-    def proxy_seconds(self) -> float:
-        """Wall time of the zero-cost warm start (never an evaluation)."""
-        return 0.0 if self.warm is None else self.warm.seconds
-
     def config(self) -> dict[str, Any]:
         return {"initial": self.initial, "batch": self.batch, "parents": self.parents,
                 "neighbourhood": self.neighbourhood, "mutants": self.mutants,
@@ -268,8 +261,7 @@ class Bananas(Strategy):
                 "members": self.members, "width": self.width, "epochs": self.epochs,
                 "refit_epochs": self.refit_epochs,
                 "acquisition": self.acquisition, "beta": self.beta,
-                "floor_quantile": self.floor_quantile, "warm_start": self.warm_start,
-                "warm_pool": self.warm_pool, "proxy_options": self.proxy_options}
+                "floor_quantile": self.floor_quantile, **self.warm_config()}
 
     # --- proposals ------------------------------------------------------------------------------
     def _propose(self) -> Any:
@@ -278,7 +270,7 @@ class Bananas(Strategy):
             if self.space.format(genotype) not in self.seen:
                 return genotype
         if len(self.history) < self.initial:
-            warm = None if self.warm is None else self.warm.next_cell(self, self.initial)
+            warm = self.warm_cell(self.initial)
             return warm if warm is not None else self._random_unseen()
         self.queue = self._acquire()
         if not self.queue:  # the space is (nearly) exhausted: fall back to any unseen random cell

@@ -5,14 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from .base import STRATEGIES, Strategy
-from .warm_start import WarmStart
+from .warm_start import WarmStarted
 
 # Draws before accepting a repeat: enough to find an unseen architecture unless the space is nearly exhausted.
 MAX_REDRAWS = 100
 
 
 @STRATEGIES.register("random")
-class RandomSearch(Strategy):
+class RandomSearch(WarmStarted, Strategy):
     """Samples genotypes with `space.random_genotype`; repeats only when no new one turns up.
 
     With a zero-cost warm start (`warm_start="synflow"` etc.), the first `warm_pool` draws are evaluated
@@ -23,14 +23,13 @@ class RandomSearch(Strategy):
     def __init__(self, space, budget: int, seed: int = 0, warm_start: str | None = None, warm_pool: int = 100,
                  proxy_options: dict | None = None) -> None:
         super().__init__(space, budget, seed)
-        self.warm_start, self.warm_pool, self.proxy_options = warm_start, warm_pool, dict(proxy_options or {})
-        self.warm = None if warm_start is None else WarmStart(warm_start, warm_pool, proxy_options)
+        self._set_warm_start(warm_start, warm_pool, proxy_options)
 
     def config(self) -> dict[str, Any]:
-        return {"warm_start": self.warm_start, "warm_pool": self.warm_pool, "proxy_options": self.proxy_options}
+        return self.warm_config()
 
     def _propose(self) -> Any:
-        warm = None if self.warm is None else self.warm.next_cell(self, self.warm_pool)
+        warm = self.warm_cell(self.warm_pool)
         if warm is not None:
             return warm
         seen = {t.arch for t in self.history}

@@ -53,3 +53,25 @@ class WarmStart:
         ranked = rank_by_proxy(self.proxy, pool, space, seed=seed, **self.options)
         self.seconds += time.perf_counter() - start
         return ranked[:count]
+
+
+class WarmStarted:
+    """What a strategy that takes a zero-cost warm start keeps: its settings (reported in `config()` through
+    `warm_config`) and the `WarmStart` (`warm`, None without one)."""
+
+    def _set_warm_start(self, warm_start: str | None, warm_pool: int, proxy_options: dict | None) -> None:
+        self.warm_start, self.warm_pool = warm_start, warm_pool
+        self.proxy_options = dict(proxy_options or {})
+        self.warm = None if warm_start is None else WarmStart(warm_start, warm_pool, self.proxy_options)
+
+    def warm_config(self) -> dict[str, Any]:
+        return {"warm_start": self.warm_start, "warm_pool": self.warm_pool, "proxy_options": self.proxy_options}
+
+    def warm_cell(self, count: int) -> Any | None:
+        """The next of the proxy's `count` best cells; None without a warm start or once they are all out."""
+        return None if self.warm is None else self.warm.next_cell(self, count)
+
+    @property
+    def proxy_seconds(self) -> float:
+        """Wall time of the zero-cost warm start (never an evaluation)."""
+        return 0.0 if self.warm is None else self.warm.seconds
