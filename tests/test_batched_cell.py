@@ -239,7 +239,8 @@ def test_algorithm_rules_read_only_shapes():
     as_conv = cpu_convs.gradient_as_kernel
     assert as_conv(5, 1, 1, (32, 8, 16, 16)) and not as_conv(5, 1, 1, (64, 32, 16, 16))
     assert as_conv(5, 1, 2, (32, 8, 16, 16)) and as_conv(5, 1, 2, (64, 16, 32, 32))
-    assert not as_conv(3, 1, 1, (32, 8, 16, 16)) and not as_conv(5, 2, 1, (32, 8, 16, 16))
+    assert not as_conv(3, 1, 1, (32, 8, 16, 16)) and not as_conv(3, 2, 1, (32, 8, 16, 16))
+    assert as_conv(5, 2, 1, (32, 8, 16, 16)) and not as_conv(5, 2, 1, (64, 16, 32, 32))  # stride 2: sides <= 16
     assert as_conv(3, 1, 2, (32, 32, 4, 4)) and not as_conv(3, 1, 2, (32, 16, 8, 8))
     assert cpu_convs.subsampled_depthwise(2, 4, 2) and not cpu_convs.subsampled_depthwise(2, 2, 1)
     pixels = cpu_convs.pointwise_pixels_per_row
