@@ -293,9 +293,9 @@ def _stacked_batch_norm(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d], scale: t
     return out
 
 
-def _stacked_chains(chains: Sequence, r: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _stacked_chains(chains: Sequence, r: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """w_e * chain_e(r) for E >= 2 stackable chains of the same candidate given r = ReLU(state) and their mixing
-    weights (E,): one chain over E*C channels, split per edge (views)."""
+    weights (E,): one chain over E*C channels, edge-major along the channels."""
     n = len(chains)
     y = r
     for step, layers in enumerate(zip(*(chain[0] for chain in chains))):
@@ -318,7 +318,7 @@ def _stacked_chains(chains: Sequence, r: torch.Tensor, weights: torch.Tensor) ->
             y = _stacked_batch_norm(y, modules, None)
     c = y.shape[1] // n
     scale = channel_scales(weights, c).view(-1)
-    return _stacked_batch_norm(y, [chain[1] for chain in chains], scale).split(c, dim=1)
+    return _stacked_batch_norm(y, [chain[1] for chain in chains], scale)
 
 
 # --- the cell -----------------------------------------------------------------------------------
@@ -387,6 +387,9 @@ def cell_nodes(cell: nn.Module, states: Sequence[torch.Tensor], plan) -> list[to
             info.append(_State(finish(src - n_in)))
         st = info[src]
         x = st.x
+        # The stacked candidates whose edges (and so nodes) are the same, summed before the split: one sum over
+        # E*C channels per candidate and one split per state, instead of E adds of channel slices per candidate.
+        stacked_sums: dict[tuple, torch.Tensor] = {}
         for k in sorted(leaving.get(src, {})):
             name, group = space.ops[k], leaving[src][k]
             ops = [edges[e].ops[name] for _, _, e in group]
@@ -394,8 +397,9 @@ def cell_nodes(cell: nn.Module, states: Sequence[torch.Tensor], plan) -> list[to
             small = x.numel() <= STACK_MAX_ELEMENTS
             if len(group) > 1 and small and all(chain is not None and _stackable(chain) for chain in chains):
                 w = torch.stack([weights[j][i] for j, i, _ in group])
-                for (j, _, _), term in zip(group, _stacked_chains(chains, st.relu(), w)):
-                    add(j, term)
+                out = _stacked_chains(chains, st.relu(), w)
+                nodes = tuple((j, e) for j, _, e in group)
+                stacked_sums[nodes] = stacked_sums[nodes] + out if nodes in stacked_sums else out
                 continue
             for (j, i, _), op, chain in zip(group, ops, chains):
                 w = weights[j][i]
@@ -431,5 +435,8 @@ def cell_nodes(cell: nn.Module, states: Sequence[torch.Tensor], plan) -> list[to
                     term = w * op.after_relu(st.relu())
                 else:
                     term = w * op(x)
+                add(j, term)
+        for nodes, total in stacked_sums.items():
+            for (j, _), term in zip(nodes, total.split(total.shape[1] // len(nodes), dim=1)):
                 add(j, term)
     return [state.x for state in info[n_in:]] + [finish(len(plan) - 1)]
