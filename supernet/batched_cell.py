@@ -352,8 +352,9 @@ def cell_nodes(cell: nn.Module, states: Sequence[torch.Tensor], plan) -> list[to
     per node, `pairs` [(edge, op index)] and `weights` (one per pair).
 
     Computed state by state (a node becomes a state once every edge into it is summed): the terms of every
-    edge leaving a state, candidate by candidate, so that one candidate's edges can run stacked. Each node
-    still sums its terms in its pairs' order."""
+    edge leaving a state, candidate by candidate, so that one candidate's edges can run stacked. Each node sums
+    its terms state by state (within a state, the stacked candidates' sum last): the per-edge path's terms in
+    another order, so the sums round differently."""
     space, edges = cell.space, cell.edges
     states = [to_channels_last(s) for s in states]
     info = [_State(s) for s in states]
