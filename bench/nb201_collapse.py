@@ -14,6 +14,7 @@ rate and weight-only epochs (README: what they change on this budget). With CIFA
 
     python bench/nb201_collapse.py --seeds 5 --methods darts drnas beta-darts darts-minus sdarts
     python bench/nb201_collapse.py --seeds 5 --first-seed 10 --a-lr 3e-3 --arch-warmup-epochs 10
+    python bench/nb201_collapse.py --seeds 5 --methods drnas --drnas-progressive
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="weight-only epochs before the alphas move (default: each method's, 0)")
     parser.add_argument("--sdarts-epsilon", type=float, default=None,
                         help="sdarts: the final bound of the weight step's noise (default: SDARTS's 0.3)")
+    parser.add_argument("--drnas-progressive", action="store_true",
+                        help="drnas runs DrNAS's progressive search (k=4, then k=2 with 3 candidates per edge, "
+                        "each stage half the epochs); --arch-warmup-epochs then counts per stage")
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
     options = dict(C=args.C, layers=args.layers, epochs=args.epochs, batch_size=args.batch_size,
@@ -70,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("a_lr", "arch_warmup_epochs", "sdarts_epsilon"):  # unset: each method's own value
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
+    per_method = {m: dict(options, drnas_progressive=True) if m == "drnas" and args.drnas_progressive else options
+                  for m in args.methods}
+    label = {m: "drnas (progressive)" if per_method[m].get("drnas_progressive") else m for m in args.methods}
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     from strategies.evaluators import TabularBenchmark
 
@@ -80,13 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with ProcessPoolExecutor(args.workers) as pool:
         # Seeds outermost, so a run cut short still has every method's first seeds.
-        futures = [pool.submit(run_one, m, s, options) for s in seeds for m in args.methods]
+        futures = [pool.submit(run_one, m, s, per_method[m]) for s in seeds for m in args.methods]
         for future in as_completed(futures):
             results.append(future.result())
             method, seed, arch, free, seconds = results[-1]
-            print(f"{method} seed {seed}: {table.rows[arch]['cifar10-test']:.2f} {arch} "
+            print(f"{label[method]} seed {seed}: {table.rows[arch]['cifar10-test']:.2f} {arch} "
                   f"(parameter-free share {free:.2f}, {seconds:.0f} s)", flush=True)
-    print(f"\nnb201 supernet, {options}, seeds {seeds[0]}-{seeds[-1]}; "
+    progressive = ", drnas progressive" if args.drnas_progressive else ""
+    print(f"\nnb201 supernet, {options}{progressive}, seeds {seeds[0]}-{seeds[-1]}; "
           f"derived cells looked up in the 12-epoch table (cifar10-test; 90th percentile {p90:.2f}, "
           f"best {tests[-1]:.2f}); wall time {time.perf_counter() - start:.0f} s with {args.workers} workers\n")
     print("| method | median | mean | >= 90th pct | parameter-free share | s/run |")
@@ -95,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for r in results if r[0] == method]
         accs = [table.rows[r[2]]["cifar10-test"] for r in rows]
         free = [r[3] for r in rows if r[3] is not None]
-        print(f"| {method} | {statistics.median(accs):.2f} | {statistics.mean(accs):.2f} | "
+        print(f"| {label[method]} | {statistics.median(accs):.2f} | {statistics.mean(accs):.2f} | "
               f"{sum(a >= p90 for a in accs)}/{len(accs)} | {statistics.mean(free):.2f} | "
               f"{statistics.mean(r[4] for r in rows):.1f} |", flush=True)
     return 0

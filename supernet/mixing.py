@@ -76,14 +76,19 @@ class MixingRule:
         return f"{type(self).__name__}({self.extra_repr()})"
 
 
-def _dense_plan(space: CellSpace, weights: torch.Tensor) -> CellPlan:
-    """Every non-`none` op of every edge, weighted."""
+def _dense_plan(space: CellSpace, weights: torch.Tensor, kept: torch.Tensor | None = None) -> CellPlan:
+    """Every non-`none` op of every edge (of the `kept` (edges, ops) candidates, if given), weighted."""
     ops = [k for k, op in enumerate(space.ops) if op != "none"]
+    keep = None if kept is None else kept.tolist()
     plan = []
     for node in space.intermediate_nodes:
         rows = list(space.node_edges(node))
-        pairs = [(e, k) for e in rows for k in ops]
-        plan.append(NodePlan(pairs, weights[rows][:, ops].reshape(-1)))
+        if keep is None:
+            pairs = [(e, k) for e in rows for k in ops]
+            plan.append(NodePlan(pairs, weights[rows][:, ops].reshape(-1)))
+        else:
+            pairs = [(e, k) for e in rows for k in ops if keep[e][k]]
+            plan.append(NodePlan(pairs, weights[[e for e, _ in pairs], [k for _, k in pairs]]))
     return plan
 
 
@@ -329,39 +334,65 @@ class Dirichlet(MixingRule):
     beta / sum(beta). Which one a forward uses: `sample` True or False forces it; None (the default)
     samples exactly when autograd records (the search steps) and takes the mean under torch.no_grad()
     (validation accuracy and other evaluation).
+
+    DrNAS's progressive search adds two things, both set by the search loop between its stages: candidates
+    run on 1/`channel_divisor` of the channels (as PC-DARTS, without edge normalisation), and `kept`, per cell
+    type an (edges, ops) bool mask, restricts each edge to its kept candidates: the sample and the mean are
+    zeroed outside them and renormalised (for a sample this is exactly Dirichlet over the kept concentrations,
+    as DrNAS's code masks it), and pruned candidates do not run.
     """
 
     name = "dirichlet"
     differentiable = False  # a sample per forward
 
-    def __init__(self) -> None:
+    def __init__(self, channel_divisor: int = 1) -> None:
         self.sample: bool | None = None
+        self.channel_divisor = integer("dirichlet channel divisor", channel_divisor)
+        self.kept: dict[str, torch.Tensor] | None = None  # on the CPU, whatever the network's device
 
     @staticmethod
     def concentration(alphas: torch.Tensor) -> torch.Tensor:
         return F.elu(alphas) + 1
 
-    def mean(self, alphas: torch.Tensor) -> torch.Tensor:
-        beta = self.concentration(alphas)
-        return beta / beta.sum(dim=-1, keepdim=True)
+    @staticmethod
+    def _restricted(weights: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
+        if kept is None:
+            return weights
+        weights = weights * kept.to(weights)
+        return weights / weights.sum(dim=-1, keepdim=True)
 
-    def weights(self, alphas: torch.Tensor) -> torch.Tensor:
+    def mean(self, alphas: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
+        beta = self.concentration(alphas)
+        return self._restricted(beta / beta.sum(dim=-1, keepdim=True), kept)
+
+    def weights(self, alphas: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
         sample = torch.is_grad_enabled() if self.sample is None else self.sample
         if not sample:
-            return self.mean(alphas)
+            return self.mean(alphas, kept)
         if not torch.isfinite(alphas).all():
             raise ValueError("dirichlet mixing cannot sample from non-finite alphas (did the architecture step "
                              "diverge?)")
-        return torch.distributions.Dirichlet(self.concentration(alphas.float())).rsample().to(alphas.dtype)
+        drawn = torch.distributions.Dirichlet(self.concentration(alphas.float())).rsample()
+        return self._restricted(drawn, kept).to(alphas.dtype)
+
+    def _kept(self, cell_type: str) -> torch.Tensor | None:
+        return None if self.kept is None else self.kept[cell_type]
 
     def plan(self, space, arch):
-        return {ct: _dense_plan(space, self.weights(arch["alphas"][ct])) for ct in space.cell_types}
+        return {ct: _dense_plan(space, self.weights(arch["alphas"][ct], self._kept(ct)), self._kept(ct))
+                for ct in space.cell_types}
 
     def edge_strengths(self, space, arch):
         return self.mixing_distribution(space, arch)
 
     def mixing_distribution(self, space, arch):
-        return {ct: self.mean(arch["alphas"][ct]) for ct in space.cell_types}
+        return {ct: self.mean(arch["alphas"][ct], self._kept(ct)) for ct in space.cell_types}
+
+    def extra_repr(self):
+        parts = [f"k={self.channel_divisor}"] if self.channel_divisor > 1 else []
+        if self.kept is not None:
+            parts.append("candidates pruned")
+        return ", ".join(parts)
 
 
 @MIXING.register("fixed")

@@ -7,12 +7,16 @@ from dataclasses import asdict, dataclass, fields
 
 from . import checks, data
 from .devices import PRECISIONS
-from .mixing import MIXING
+from .mixing import MIXING, Dirichlet
 from .search_network import SearchNetwork
 from .spaces import list_spaces
 
 DATASETS = (*data.DATASETS, "tensors")
 SDARTS_EPSILON_START = 0.03  # SDARTS-RS's noise bound in the first epoch (its code)
+# DrNAS's progressive NB201 search (201-space/train_search_progressive.py): per stage, the partial-channel
+# divisor and the candidates each edge keeps; each stage takes half the epochs (its code: 50 and 50).
+DRNAS_STAGES = ((4, 5), (2, 3))
+DRNAS_STAGE_WARMUP = 0.2  # weight-only share of each stage (its code: the first 10 of each 50 epochs)
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,9 @@ class SearchConfig:
     beta_lambda: float = 50.0  # beta-darts: regulariser weight beta_lambda * epoch / epochs (its code: 50)
     sdarts_epsilon: float = 0.3  # sdarts: the weight step's noise bound grows linearly from 0.03 toward this
     #                              (0.03 + (sdarts_epsilon - 0.03) * epoch / epochs; its code: 0.3)
+    drnas_progressive: bool = False  # drnas, nb201: DrNAS's progressive search (DRNAS_STAGES): the first half of
+    #                                  the epochs on 1/4 of the channels, the second on 1/2 with each edge pruned
+    #                                  to its 3 best candidates; arch_warmup_epochs then counts per stage
     hessian_every: int = 0  # every N epochs, the dominant eigenvalue of the alpha Hessian (0: never)
     checkpoint_every: int = 0  # steps between checkpoints inside an epoch (0: at the end of each epoch only)
     retrain_epochs: int = 6  # retraining of the derived and a random architecture (0: skip)
@@ -182,9 +189,15 @@ class SearchConfig:
             checks.number("a_lr", self.a_lr, positive=True)
         else:
             checks.number("a_lr", self.a_lr, non_negative=True)
+        self._check_drnas_progressive()
         if self.arch_warmup_epochs is None:
-            self.arch_warmup_epochs = int(m.warmup_fraction * self.epochs)
+            self.arch_warmup_epochs = (int(DRNAS_STAGE_WARMUP * self.stage_epochs[0]) if self.drnas_progressive
+                                       else int(m.warmup_fraction * self.epochs))
         checks.integer("arch_warmup_epochs", self.arch_warmup_epochs, minimum=0)
+        if self.drnas_progressive and self.arch_warmup_epochs >= self.stage_epochs[0]:
+            raise ValueError(f"arch_warmup_epochs={self.arch_warmup_epochs} counts per stage with drnas_progressive "
+                             f"and must be below the first stage's {self.stage_epochs[0]} epochs (epochs="
+                             f"{self.epochs}): the alphas would never move in it")
         if m.learns_alphas and self.arch_warmup_epochs >= self.epochs:
             raise ValueError(f"arch_warmup_epochs={self.arch_warmup_epochs} must be below epochs={self.epochs}: "
                              f"{self.method} would never train its architecture parameters")
@@ -192,6 +205,30 @@ class SearchConfig:
         checks.number("sdarts_epsilon", self.sdarts_epsilon, minimum=SDARTS_EPSILON_START, maximum=1)
         if m.anneals_temperature and self.tau_min > self.tau_max:
             raise ValueError(f"tau_min={self.tau_min} must not exceed tau_max={self.tau_max}")
+
+    def _check_drnas_progressive(self) -> None:
+        if not isinstance(self.drnas_progressive, bool):
+            raise ValueError(f"drnas_progressive must be True or False, got {self.drnas_progressive!r}")
+        if not self.drnas_progressive:
+            return
+        if self.method != "drnas":
+            raise ValueError(f"drnas_progressive is DrNAS's schedule; it needs method='drnas', not {self.method!r}")
+        if self.space != "nb201":
+            raise ValueError(f"drnas_progressive supports the nb201 space only (its widening copies plain "
+                             f"convolutions' channels), not {self.space!r}")
+        if self.epochs < 2:
+            raise ValueError(f"drnas_progressive needs epochs >= 2 (two stages), got {self.epochs}")
+        divisor = DRNAS_STAGES[0][0]
+        if self.C % divisor:
+            raise ValueError(f"drnas_progressive runs candidates on 1/{divisor} of the channels: C={self.C} must be "
+                             f"divisible by {divisor}")
+
+    @property
+    def stage_epochs(self) -> tuple[int, ...]:
+        """Epochs per stage: one stage, or with drnas_progressive the first half (rounded down) and the rest."""
+        if not self.drnas_progressive:
+            return (self.epochs,)
+        return (self.epochs // 2, self.epochs - self.epochs // 2)
 
     @property
     def method_spec(self) -> Method:
@@ -225,6 +262,6 @@ class SearchConfig:
 
 def build_network(config: SearchConfig, num_classes: int, in_channels: int) -> SearchNetwork:
     """The search network a config describes (weights drawn from torch's global RNG)."""
+    mixing = Dirichlet(DRNAS_STAGES[0][0]) if config.drnas_progressive else config.method_spec.mixing
     return SearchNetwork(config.space, C=config.C, layers=config.layers, num_classes=num_classes,
-                         in_channels=in_channels, mixing=config.method_spec.mixing, partial_k=config.partial_k,
-                         tau=config.tau_max)
+                         in_channels=in_channels, mixing=mixing, partial_k=config.partial_k, tau=config.tau_max)

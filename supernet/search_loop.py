@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import architect, data, devices, distributed, runs
-from .search_config import SDARTS_EPSILON_START, SearchConfig, build_network
+from .search_config import DRNAS_STAGES, SDARTS_EPSILON_START, SearchConfig, build_network
 from .search_network import SearchNetwork, preserved_batchnorm, recalibrate_batchnorm
 from .tensorboard import Events
 
@@ -380,7 +380,7 @@ class Searcher:
         """One search step on a global batch: an architecture step (once warm-up is over) and a weight step."""
         if self.model is not self.net and self.compile_seconds is None:
             began = time.perf_counter()
-        update_alphas = self.learns_alphas and self.epoch >= self.config.arch_warmup_epochs
+        update_alphas = self.learns_alphas and self.stage(self.epoch)[1] >= self.config.arch_warmup_epochs
         n = len(train[1])
         train, val = self.local_batches(train), self.local_batches(val)
         if update_alphas and self.config.method_spec.arch_first:
@@ -396,6 +396,24 @@ class Searcher:
         self.running["loss"] += loss * n
         self.running["correct"] += correct
         self.running["seen"] += n
+
+    def stage(self, epoch: int) -> tuple[int, int]:
+        """(stage, epoch within it): DrNAS's progressive search has two stages, every other search one; the
+        alpha warm-up (arch_warmup_epochs) starts each stage, as in DrNAS's code."""
+        for stage, length in enumerate(self.config.stage_epochs):
+            if epoch < length:
+                return stage, epoch
+            epoch -= length
+        raise ValueError(f"epoch {epoch} is past the search's {self.config.epochs} epochs")
+
+    def _enter_stage(self, stage: int) -> None:
+        """DrNAS's progressive step: each edge keeps its strongest candidates, then the partial channels widen.
+        The weights' optimizer keeps its momentum (widened alike) and cosine schedule, the alphas' Adam its
+        state, as in DrNAS's code."""
+        k, keep = DRNAS_STAGES[stage]
+        self.net.prune_candidates(keep)
+        self.net.widen_partial_channels(k, self.w_opt)
+        self.log(f"drnas stage {stage + 1}: {keep} candidates per edge, partial channels 1/{k}")
 
     def regulariser_weight(self, epoch: int) -> float:
         """The weight of the method's regulariser: DrNAS reg_scale; beta-DARTS beta_lambda * epoch / epochs
@@ -433,6 +451,8 @@ class Searcher:
             out["aux_skip"] = self.net.mixing.beta
         if c.method_spec.smooths_weight_step:
             out["sdarts_epsilon"] = self.net.mixing.epsilon
+        if c.drnas_progressive:
+            out["channel_divisor"] = self.net.mixing.channel_divisor
         return out
 
     def tau(self, epoch: int) -> float:
@@ -481,6 +501,9 @@ class Searcher:
         epochs = tqdm(total=c.epochs, desc=f"search ({c.method})", unit="epoch", disable=self.quiet,
                       initial=self.epoch, dynamic_ncols=True)
         for epoch in range(self.epoch, c.epochs if not self.search_done else 0):
+            stage, within = self.stage(epoch)
+            if stage and within == 0 and self.net.mixing.channel_divisor != DRNAS_STAGES[stage][0]:
+                self._enter_stage(stage)  # not yet done: a run resumed inside the stage loaded it done
             if c.method_spec.anneals_temperature:
                 self.net.mixing.tau = self.tau(epoch)
             if c.method_spec.decays_aux_skip:

@@ -11,7 +11,7 @@ from torch import nn
 
 from . import batched_cell, dispatch
 from .checks import images, integer
-from .mixing import CellPlan, Fixed, MixingRule, Sample, channel_shuffle, make_mixing
+from .mixing import CellPlan, Dirichlet, Fixed, MixingRule, Sample, channel_shuffle, make_mixing
 from .ops import FactorizedReduce, ReLUConvBN, build_op
 from .spaces import CellSpace, get_space
 
@@ -54,7 +54,7 @@ class SearchCell(nn.Module):
         if fused and batched_cell.applies(self, plan, states[0]):  # the CPU fast path: per state, channels_last
             return batched_cell.cell_output(space, states + batched_cell.cell_nodes(self, states, plan))
         for node, node_plan in zip(space.intermediate_nodes, plan):
-            if node_plan.edge_weights is not None:
+            if node_plan.edge_weights is not None or self.edges[0].channel_divisor > 1:
                 s = self._partial_node(node, node_plan, states, fused)
             else:
                 outputs = [o for e, ks in dispatch.group_by_edge(node_plan.pairs)
@@ -74,8 +74,11 @@ class SearchCell(nn.Module):
             x = states[space.edges[e][1]]
             c = x.shape[1] // edge.channel_divisor
             mine = [(i, k) for i, (pe, k) in enumerate(node_plan.pairs) if pe == e]
-            outputs = dispatch.edge_outputs(edge.ops, x[:, :c], [space.ops[k] for _, k in mine], fused)
-            mixed = dispatch.mixed_sum(outputs, node_plan.weights[[i for i, _ in mine]], fused)
+            if mine:
+                outputs = dispatch.edge_outputs(edge.ops, x[:, :c], [space.ops[k] for _, k in mine], fused)
+                mixed = dispatch.mixed_sum(outputs, node_plan.weights[[i for i, _ in mine]], fused)
+            else:  # every candidate left on the edge is `none` (DrNAS's pruning may keep only it and pools)
+                mixed = x[:, :c, ::edge.stride, ::edge.stride].mul(0.0)
             rest = x[:, c:] if edge.stride == 1 else edge.bypass(x[:, c:])
             edge_outputs.append(channel_shuffle(torch.cat([mixed, rest], dim=1), edge.channel_divisor))
         return dispatch.mixed_sum(edge_outputs, node_plan.edge_weights, fused)
@@ -84,6 +87,20 @@ class SearchCell(nn.Module):
         # A node whose every chosen op is `none`.
         ref = states[0]
         return ref[:, :, ::2, ::2].mul(0.0) if self.reduction else ref.mul(0.0)
+
+
+def _check_widenable(op: nn.Module) -> None:
+    """ValueError unless `widen_partial_channels` can widen the candidate: plain convolutions, each batch norm
+    non-affine and after one (the nb201 space's ops)."""
+    after_conv = False
+    for m in op.modules():
+        if isinstance(m, nn.Conv2d):
+            if m.groups != 1:
+                raise ValueError(f"widening partial channels supports plain convolutions (the nb201 space's), not {m}")
+            after_conv = True
+        elif isinstance(m, nn.BatchNorm2d) and (m.affine or not after_conv):
+            raise ValueError(f"widening partial channels needs every batch norm ({m}) to be non-affine and after a "
+                             "convolution (the nb201 space's ops)")
 
 
 class ResNetBasicBlock(nn.Module):
@@ -189,6 +206,101 @@ class SearchNetwork(nn.Module):
         """Per cell type, the (edges, ops) strengths that derivation ranks."""
         with torch.no_grad():
             return self.mixing.edge_strengths(self.space, self.architecture())
+
+    # --- DrNAS's progressive search: pruned candidates, wider partial channels ------------------------
+    def restrict_candidates(self, kept: dict[str, torch.Tensor]) -> None:
+        """Limits each edge to its kept candidates: per cell type an (edges, ops) bool mask. The masks are
+        also buffers `kept_<cell type>`, so a state_dict holds them and `load_state_dict` restores them."""
+        if not isinstance(self.mixing, Dirichlet):
+            raise ValueError(f"pruning candidates needs mixing='dirichlet', not {self.mixing.name!r}")
+        shape = (self.space.num_edges, len(self.space.ops))
+        masks = {}
+        for ct in self.space.cell_types:
+            mask = torch.as_tensor(kept[ct]).cpu()
+            if mask.dtype != torch.bool or tuple(mask.shape) != shape or not mask.any(dim=-1).all():
+                raise ValueError(f"kept candidates of {ct!r} must be a {shape} bool mask with at least one "
+                                 f"candidate per edge, got {mask.dtype} {tuple(mask.shape)}")
+            masks[ct] = mask
+            name = f"kept_{ct}"
+            if name in self._buffers:
+                self._buffers[name].copy_(mask)
+            else:
+                self.register_buffer(name, mask.to(self.alphas(ct).device))
+        self.mixing.kept = masks
+
+    def prune_candidates(self, num_keep: int) -> dict[str, torch.Tensor]:
+        """Keeps the `num_keep` strongest candidates of each edge (DrNAS: the top-k alphas, the same order as
+        the Dirichlet mean's); returns the masks."""
+        integer("num_keep", num_keep)
+        if num_keep > len(self.space.ops):
+            raise ValueError(f"num_keep={num_keep} exceeds the {len(self.space.ops)} candidates of an edge")
+        kept = {}
+        for ct, strengths in self.edge_strengths().items():
+            index = strengths.detach().float().cpu().topk(num_keep, dim=-1).indices
+            kept[ct] = torch.zeros(strengths.shape, dtype=torch.bool).scatter_(1, index, True)
+        self.restrict_candidates(kept)
+        return kept
+
+    def widen_partial_channels(self, k: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Candidates see 1/k of the channels instead of 1/K (k < K). As DrNAS (net2wider), every convolution
+        gains copies of randomly chosen input and output channels (torch's global RNG), each batch norm
+        (statistics too) copies of its convolution's new output channels, and `optimizer`'s momentum buffers
+        the same copies (a conv bias those of its output channels), so training continues from the narrower
+        network's weights."""
+        old = self.mixing.channel_divisor
+        integer("partial channel divisor k", k)
+        if not isinstance(self.mixing, Dirichlet) or old % k or k == old:
+            raise ValueError(f"widening partial channels needs mixing='dirichlet' and a divisor k={k} that "
+                             f"divides and is below the current {old}")
+        state = optimizer.state if optimizer is not None else {}
+
+        def grow(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+            return torch.cat([tensor, tensor.index_select(dim, index.to(tensor.device))], dim=dim)
+
+        def widen(param: torch.Tensor, dim: int, index: torch.Tensor) -> None:
+            param.data = grow(param.data, dim, index)
+            param.grad = None  # of the narrower shape
+            buffer = state.get(param, {}).get("momentum_buffer")
+            if buffer is not None:
+                state[param]["momentum_buffer"] = grow(buffer, dim, index)
+
+        edges = [edge for cell in self.cells if isinstance(cell, SearchCell) for edge in cell.edges]
+        for op in (op for edge in edges for op in edge.ops.values()):  # check all before changing any
+            _check_widenable(op)
+        for edge in edges:
+            for op in edge.ops.values():
+                out_index = None
+                for m in op.modules():
+                    if isinstance(m, nn.Conv2d):
+                        in_index = torch.randint(0, m.in_channels, (m.in_channels * old // k - m.in_channels,))
+                        widen(m.weight, 1, in_index)
+                        out_index = torch.randint(0, m.out_channels, (m.out_channels * old // k - m.out_channels,))
+                        widen(m.weight, 0, out_index)
+                        if m.bias is not None:  # NB201's convs keep a bias where the batch norm has no shift
+                            widen(m.bias, 0, out_index)
+                        m.in_channels, m.out_channels = m.weight.shape[1], m.weight.shape[0]
+                    elif isinstance(m, nn.BatchNorm2d):
+                        for name in ("running_mean", "running_var"):
+                            if getattr(m, name) is not None:
+                                setattr(m, name, grow(getattr(m, name), 0, out_index))
+                        m.num_features = m.num_features * old // k
+            edge.channel_divisor = k
+        self.mixing.channel_divisor = k
+        if "channel_divisor" in self._buffers:
+            self._buffers["channel_divisor"].fill_(k)
+        else:
+            self.register_buffer("channel_divisor", torch.tensor(k, device=self.alphas(self.space.cell_types[0]).device))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """torch's, after taking on the structure a progressive DrNAS state holds (pruned candidates, wider
+        partial channels), so a checkpoint of either stage loads into a freshly built network."""
+        # in the order the search makes them, so the buffers keep the order of the run that saved them
+        if all(f"kept_{ct}" in state_dict for ct in self.space.cell_types):
+            self.restrict_candidates({ct: state_dict[f"kept_{ct}"].bool() for ct in self.space.cell_types})
+        if "channel_divisor" in state_dict and int(state_dict["channel_divisor"]) != self.mixing.channel_divisor:
+            with torch.random.fork_rng(devices=[]):  # the widening's draws are overwritten: leave the RNG be
+                self.widen_partial_channels(int(state_dict["channel_divisor"]))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def derive(self) -> Any:
         """The genotype by the space's published rule (a fixed network returns its own)."""

@@ -434,3 +434,180 @@ def test_sdarts_on_the_command_line(tmp_path, capsys):
     results = json.loads((run_dir / "results.json").read_text())
     assert [r["sdarts_epsilon"] for r in results["history"]] == pytest.approx([0.03, 0.13])
     assert results["config"]["method"] == "sdarts"
+
+
+# --- DrNAS's progressive search (drnas_progressive) -----------------------------------------------------
+PROGRESSIVE = dict(method="drnas", drnas_progressive=True, **SPACES["nb201"], **dict(BASE, epochs=4))
+
+
+def _conv_in_channels(net: SearchNetwork) -> int:
+    """Input channels of the first search cell's first edge's 3x3 conv (C=4: 1 at k=4, 2 at k=2)."""
+    return net.cells[0].edges[0].ops["nor_conv_3x3"][1].in_channels
+
+
+def test_drnas_progressive_prunes_to_the_3_strongest_and_widens_at_half_time(split):
+    seen = []  # per step: (epoch, channel divisor, conv input channels, alphas, kept mask)
+
+    def record(searcher):
+        net = searcher.net
+        kept = net.mixing.kept
+        seen.append((searcher.epoch, net.mixing.channel_divisor, _conv_in_channels(net),
+                     net.alphas("cell").detach().clone(), None if kept is None else kept["cell"].clone()))
+
+    searcher = Searcher(SearchConfig(**PROGRESSIVE), split, callback=record)
+    genotype = searcher.run()
+    assert [(e, k, c) for e, k, c, _, _ in seen] == [(0, 4, 1)] * 2 + [(1, 4, 1)] * 2 + [(2, 2, 2)] * 2 + [(3, 2, 2)] * 2
+    assert [r["channel_divisor"] for r in searcher.history["epochs"]] == [4, 4, 2, 2]
+    assert all(kept is None for _, k, _, _, kept in seen if k == 4)
+    # DrNAS keeps the top-3 alphas of each edge as they were when the first stage ended (the same order as the
+    # Dirichlet mean's), and the mask holds for the rest of the search
+    alphas_at_change = seen[3][3]
+    expected = torch.zeros_like(alphas_at_change, dtype=torch.bool).scatter_(1, alphas_at_change.topk(3).indices, True)
+    assert all(torch.equal(kept, expected) for _, k, _, _, kept in seen if k == 2)
+    assert expected.sum(dim=1).tolist() == [3] * searcher.net.space.num_edges
+    # pruned candidates neither run nor weigh: the derived cell, the mean and every plan stay inside the mask
+    space = searcher.net.space
+    path = space.to_paths(genotype)["cell"]
+    assert all(expected[e, k] for e, k in enumerate(path))
+    mean = searcher.net.edge_strengths()["cell"]
+    assert torch.all(mean[~expected] == 0) and torch.allclose(mean.sum(dim=1), torch.ones(space.num_edges))
+    with torch.enable_grad():
+        plan = searcher.net.plans()["cell"]
+    assert all(expected[e, k] for node in plan for e, k in node.pairs)
+
+
+def test_dirichlet_restricted_to_kept_candidates_samples_the_kept_dirichlet():
+    """A sample zeroed outside the kept candidates and renormalised is Dirichlet over the kept concentrations
+    (DrNAS masks its samples so): its mean over many draws is their mean, computed in float64."""
+    torch.manual_seed(0)
+    rule = Dirichlet()
+    alphas = torch.randn(3, 5)
+    kept = torch.tensor([[1, 1, 0, 1, 0], [0, 1, 1, 1, 0], [1, 0, 0, 1, 1]], dtype=torch.bool)
+    rule.sample = True
+    draws = torch.stack([rule.weights(alphas, kept) for _ in range(4000)])
+    assert torch.all(draws[:, ~kept] == 0)
+    assert torch.allclose(draws.sum(dim=-1), torch.ones(4000, 3))
+    beta = (F.elu(alphas.double()) + 1) * kept
+    expected = beta / beta.sum(dim=-1, keepdim=True)
+    assert torch.allclose(draws.double().mean(dim=0), expected, atol=0.02)
+    assert torch.allclose(rule.mean(alphas, kept).double(), expected, atol=1e-6)
+
+
+def test_widening_copies_channels_and_their_momentum_alike():
+    torch.manual_seed(0)
+    net = SearchNetwork("nb201", C=8, layers=1, num_classes=10, in_channels=1, mixing=Dirichlet(4))
+    opt = torch.optim.SGD(net.weight_parameters(), lr=0.1, momentum=0.9)
+    net(torch.randn(4, 1, 8, 8)).sum().backward()
+    opt.step()
+    _, conv, bn = net.cells[0].edges[0].ops["nor_conv_3x3"]
+    weight, bias = conv.weight.detach().clone(), conv.bias.detach().clone()
+    buffer = opt.state[conv.weight]["momentum_buffer"].clone()
+    mean = bn.running_mean.clone()
+    net.widen_partial_channels(2, opt)
+    assert conv.weight.shape == (4, 4, 3, 3) and bn.running_mean.shape == (4,) and conv.in_channels == 4
+    new_buffer = opt.state[conv.weight]["momentum_buffer"]
+    assert torch.equal(conv.weight[:2, :2], weight) and torch.equal(new_buffer[:2, :2], buffer)
+    for j in range(2, 4):  # every new input channel copies one old input channel, weights and momentum alike
+        assert any(torch.equal(conv.weight[:2, j], weight[:, i]) and torch.equal(new_buffer[:2, j], buffer[:, i])
+                   for i in range(2))
+    for j in range(2, 4):  # every new output channel copies one old output channel, with its bias and statistics
+        assert any(torch.equal(conv.weight[j], conv.weight[i]) and conv.bias[j] == bias[i]
+                   and bn.running_mean[j] == mean[i] for i in range(2))
+    out = net(torch.randn(4, 1, 8, 8))  # the wider network runs and trains
+    out.sum().backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("interrupt_after, checkpoint_every, position", [
+    (3, 1, (1, 1)),  # inside the first stage
+    (5, 0, (2, 0)),  # at the stage change, not yet made (an end-of-epoch checkpoint)
+    (5, 1, (2, 1)),  # inside the second stage: a pruned, wider network loads into a freshly built one
+])
+def test_drnas_progressive_resumes_bit_identically_across_the_stage_change(interrupt_after, checkpoint_every,
+                                                                           position, split, tmp_path):
+    config = SearchConfig(**dict(PROGRESSIVE, checkpoint_every=checkpoint_every))
+    whole = Searcher(config, split, tmp_path / "whole.pt")
+    whole.run()
+    interrupted = Searcher(config, split, tmp_path / "cut.pt", callback=stop_at(interrupt_after))
+    with pytest.raises(Interrupt):
+        interrupted.run()
+    resumed = Searcher(config, split, tmp_path / "cut.pt")
+    resumed.load_state(runs.load_checkpoint(tmp_path / "cut.pt", config.to_dict()))
+    assert (resumed.epoch, resumed.step) == position
+    resumed.run()
+    for (name, a), b in zip(resumed.net.state_dict().items(), whole.net.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    for p, q in zip(resumed.w_opt.state.values(), whole.w_opt.state.values(), strict=True):
+        assert torch.equal(p["momentum_buffer"], q["momentum_buffer"])
+    assert resumed.genotype == whole.genotype
+    assert resumed.history == whole.history
+
+
+def test_drnas_progressive_holds_the_alphas_at_the_start_of_each_stage(split):
+    config = SearchConfig(**dict(PROGRESSIVE, arch_warmup_epochs=1))
+    alphas = []
+    searcher = Searcher(config, split, callback=lambda s: alphas.append((s.epoch, s.net.alphas("cell").detach().clone())))
+    start = searcher.net.alphas("cell").detach().clone()
+    searcher.run()
+    moved = {}
+    previous = start
+    for epoch, a in alphas:
+        moved.setdefault(epoch, []).append(not torch.equal(a, previous))
+        previous = a
+    assert moved == {0: [False, False], 1: [True, True], 2: [False, False], 3: [True, True]}
+    # DrNAS's code: the first 10 of each 50-epoch stage train the weights only
+    assert SearchConfig(method="drnas", space="nb201", epochs=100, drnas_progressive=True).arch_warmup_epochs == 10
+
+
+def test_drnas_progressive_run_folder_loads_back(tmp_path):
+    result = supernet.search(**dict(PROGRESSIVE, max_train=64), run_dir=tmp_path / "run")
+    run = supernet.search_run.load_run(tmp_path / "run")
+    assert run.network.mixing.channel_divisor == 2 and run.network.mixing.kept is not None
+    assert run.network.derive() == run.genotype == result.genotype
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(method="darts"), "drnas_progressive is DrNAS's schedule; it needs method='drnas', not 'darts'"),
+    (dict(space="darts", layers=2), "drnas_progressive supports the nb201 space only"),
+    (dict(epochs=1), r"drnas_progressive needs epochs >= 2"),
+    (dict(C=6), "C=6 must be divisible by 4"),
+    (dict(arch_warmup_epochs=2), "arch_warmup_epochs=2 counts per stage with drnas_progressive and must be below "
+                                 "the first stage's 2 epochs"),
+    (dict(drnas_progressive="yes"), "drnas_progressive must be True or False"),
+])
+def test_drnas_progressive_refuses_what_it_does_not_apply_to(options, message):
+    with pytest.raises(ValueError, match=message):
+        SearchConfig(**dict(PROGRESSIVE, **options))
+
+
+def test_drnas_progressive_on_the_command_line(tmp_path):
+    args = ["search", "--out", str(tmp_path), "--method", "drnas", "--space", "nb201", "--C", "4", "--layers", "1",
+            "--epochs", "2", "--batch-size", "16", "--steps-per-epoch", "1", "--max-train", "64",
+            "--retrain-epochs", "0", "--threads", "1", "--quiet", "--drnas-progressive"]
+    assert cli.main(args) == 0
+    (run_dir,) = tmp_path.iterdir()
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["config"]["drnas_progressive"] is True
+    assert [r["channel_divisor"] for r in results["history"]] == [4, 2]
+
+
+def test_pruning_and_widening_refuse_what_they_cannot_do():
+    softmax_net = SearchNetwork("nb201", C=8, layers=1, num_classes=10, in_channels=1)
+    with pytest.raises(ValueError, match="pruning candidates needs mixing='dirichlet', not 'softmax'"):
+        softmax_net.prune_candidates(3)
+    with pytest.raises(ValueError, match="widening partial channels needs mixing='dirichlet'"):
+        softmax_net.widen_partial_channels(2)
+    net = SearchNetwork("nb201", C=8, layers=1, num_classes=10, in_channels=1, mixing=Dirichlet(4))
+    with pytest.raises(ValueError, match="num_keep=6 exceeds the 5 candidates"):
+        net.prune_candidates(6)
+    with pytest.raises(ValueError, match=r"kept candidates of 'cell' must be a \(6, 5\) bool mask"):
+        net.restrict_candidates({"cell": torch.ones(6, 4, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="at least one candidate per edge"):
+        net.restrict_candidates({"cell": torch.zeros(6, 5, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="a divisor k=3 that divides and is below the current 4"):
+        net.widen_partial_channels(3)
+    darts_net = SearchNetwork("darts", C=8, layers=2, num_classes=10, in_channels=1, mixing=Dirichlet(4))
+    before = {name: t.clone() for name, t in darts_net.state_dict().items()}
+    with pytest.raises(ValueError, match="widening partial channels (supports plain convolutions|needs every batch)"):
+        darts_net.widen_partial_channels(2)
+    assert all(torch.equal(t, before[name]) for name, t in darts_net.state_dict().items())  # nothing changed

@@ -50,7 +50,8 @@ HELP = {
     "grad_clip": "gradient-norm clip for the weights",
     "a_lr": "Adam learning rate for the architecture parameters (default: the method's paper value)",
     "a_weight_decay": "weight decay for the architecture parameters",
-    "arch_warmup_epochs": "weight-only epochs before alphas move (default: 30%% for pc-darts, else 0)",
+    "arch_warmup_epochs": "weight-only epochs before alphas move (default: 30%% for pc-darts, else 0; with "
+                          "--drnas-progressive per stage, 20%% of it)",
     "unrolled_xi": "darts-2nd virtual step size (default: the current weight learning rate)",
     "partial_k": "pc-darts: candidates see 1/k of the channels",
     "tau_max": "gdas: Gumbel-softmax temperature at the first epoch",
@@ -62,6 +63,9 @@ HELP = {
                    "(beta-DARTS's NB201 code: 50)",
     "sdarts_epsilon": "sdarts: the weight step's noise bound U(-eps, eps) on softmax(alpha) grows linearly from "
                       "0.03 at the first epoch toward this (SDARTS's code: 0.3)",
+    "drnas_progressive": "drnas, nb201: DrNAS's progressive search: the first half of the epochs on 1/4 of the "
+                         "channels, the second on 1/2 with each edge pruned to its 3 strongest candidates; "
+                         "--arch-warmup-epochs then counts per stage (default: 20%% of a stage, DrNAS's 10 of 50)",
     "hessian_every": "every N epochs, record the dominant eigenvalue of the validation-loss Hessian w.r.t. the "
                      "alphas (power iteration on one validation batch; 0: never)",
     "checkpoint_every": "also checkpoint every N steps inside an epoch (0: at epoch ends only)",
@@ -106,9 +110,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         default = f.default if f.default is not MISSING else None
         kind = OPTIONAL_TYPES.get(f.name, _boolean if isinstance(default, bool) else type(default))
+        # a switch that is off by default also works bare: --drnas-progressive means --drnas-progressive true
+        bare = dict(nargs="?", const=True) if default is False else {}
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=default,
                             choices=CHOICES.get(f.name), action=_Explicit, help=HELP[f.name],
-                            metavar=None if f.name in CHOICES else f.name.upper())
+                            metavar=None if f.name in CHOICES else f.name.upper(), **bare)
     parser.add_argument("--data-file", type=Path, default=None,
                         help="search on your own tensors: a torch file holding (images (N,C,H,W) float, labels (N,) long)")
     parser.add_argument("--out", type=Path, default=Path("runs"), help="folder under which the run folder is created")
