@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_search import TINY, Interrupt, stop_at
+from test_search import TINY, whole_and_resumed
 
 import supernet
-from supernet import architect, batched_cell, cli, data, runs
+from supernet import architect, batched_cell, cli, data
 from supernet.mixing import AuxSkip, Dirichlet, RandomSmoothing
 from supernet.search_config import METHODS, SearchConfig
 from supernet.search_loop import Searcher, hessian_eigenvalue, mean_alpha_entropy, parameter_free_share
@@ -44,13 +44,7 @@ def test_robust_methods_search_and_derive(method, space, split):
 def test_robust_methods_resume_bit_identically(method, split, tmp_path):
     config = SearchConfig(method=method, **SPACES["nb201"], **dict(BASE, epochs=2, checkpoint_every=1,
                                                                     hessian_every=1))
-    whole = Searcher(config, split, tmp_path / "whole.pt")
-    whole.run()
-    interrupted = Searcher(config, split, tmp_path / "cut.pt", callback=stop_at(3))
-    with pytest.raises(Interrupt):
-        interrupted.run()
-    resumed = Searcher(config, split, tmp_path / "cut.pt")
-    resumed.load_state(runs.load_checkpoint(tmp_path / "cut.pt", config.to_dict()))
+    whole, resumed = whole_and_resumed(config, split, tmp_path, 3)
     assert (resumed.epoch, resumed.step) == (1, 1)
     resumed.run()
     for (name, a), b in zip(resumed.net.state_dict().items(), whole.net.state_dict().values(), strict=True):
@@ -526,13 +520,7 @@ def test_widening_copies_channels_and_their_momentum_alike():
 def test_drnas_progressive_resumes_bit_identically_across_the_stage_change(interrupt_after, checkpoint_every,
                                                                            position, split, tmp_path):
     config = SearchConfig(**dict(PROGRESSIVE, checkpoint_every=checkpoint_every))
-    whole = Searcher(config, split, tmp_path / "whole.pt")
-    whole.run()
-    interrupted = Searcher(config, split, tmp_path / "cut.pt", callback=stop_at(interrupt_after))
-    with pytest.raises(Interrupt):
-        interrupted.run()
-    resumed = Searcher(config, split, tmp_path / "cut.pt")
-    resumed.load_state(runs.load_checkpoint(tmp_path / "cut.pt", config.to_dict()))
+    whole, resumed = whole_and_resumed(config, split, tmp_path, interrupt_after)
     assert (resumed.epoch, resumed.step) == position
     resumed.run()
     for (name, a), b in zip(resumed.net.state_dict().items(), whole.net.state_dict().values(), strict=True):

@@ -33,6 +33,19 @@ def stop_at(global_step):
     return callback
 
 
+def whole_and_resumed(config, split, tmp_path, interrupt_after):
+    """A whole run, and a run interrupted after global step `interrupt_after`, loaded back from its last
+    checkpoint (for the caller to run on)."""
+    whole = Searcher(config, split, tmp_path / "whole.pt")
+    whole.run()
+    interrupted = Searcher(config, split, tmp_path / "cut.pt", callback=stop_at(interrupt_after))
+    with pytest.raises(Interrupt):
+        interrupted.run()
+    resumed = Searcher(config, split, tmp_path / "cut.pt")
+    resumed.load_state(runs.load_checkpoint(tmp_path / "cut.pt", config.to_dict()))
+    return whole, resumed
+
+
 def test_the_weights_step_is_torchs_sgd_up_to_rounding():
     """The search loop's fused SGD (momentum, weight decay) moves the weights as torch's per-tensor SGD does,
     also for a weight that gets its first gradient steps after the others (an op GDAS had not sampled yet)."""
@@ -104,14 +117,7 @@ def test_resume_is_bit_identical(method, interrupt_after, augment, split, tmp_pa
     # (with augmentation: the same crops and flips). darts-2nd shares darts's path; its own extra state is
     # none, and its steps are the slowest.
     config = SearchConfig(method=method, augment=augment, **dict(TINY, steps_per_epoch=3, checkpoint_every=2))
-    whole = Searcher(config, split, tmp_path / "whole.pt")
-    whole.run()
-
-    interrupted = Searcher(config, split, tmp_path / "cut.pt", callback=stop_at(interrupt_after))
-    with pytest.raises(Interrupt):
-        interrupted.run()
-    resumed = Searcher(config, split, tmp_path / "cut.pt")
-    resumed.load_state(runs.load_checkpoint(tmp_path / "cut.pt", config.to_dict()))
+    whole, resumed = whole_and_resumed(config, split, tmp_path, interrupt_after)
     assert resumed.epoch * resumed.steps + resumed.step <= interrupt_after
     resumed.run()
 
