@@ -54,6 +54,22 @@ def update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, unbiased_var: t
         bn.running_var.mul_(1 - factor).add_(unbiased_var.to(bn.running_var.dtype), alpha=factor)
 
 
+@torch.no_grad()
+def update_running_stats_of(bns: list[nn.BatchNorm2d], mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+    """Counts the batch in each of `bns` and moves their running statistics toward the same batch statistics:
+    one foreach call per statistic where they share a momentum (not None) and all keep statistics, else one by
+    one (a cumulative average's factor is each module's own)."""
+    first = bns[0]
+    if first.momentum is None or not all(bn.momentum == first.momentum and bn.running_mean is not None for bn in bns):
+        for bn in bns:
+            update_running_stats(bn, mean, unbiased_var, count_batch(bn))
+        return
+    factor = count_batches(bns)
+    running = [bn.running_mean for bn in bns] + [bn.running_var for bn in bns]
+    torch._foreach_mul_(running, 1 - factor)
+    torch._foreach_add_(running, [mean] * len(bns) + [unbiased_var] * len(bns), alpha=factor)
+
+
 def uses_batch_stats_only(bn: nn.Module) -> bool:
     """Whether bn is a non-affine BatchNorm2d that normalises with the batch's own statistics."""
     return (isinstance(bn, nn.BatchNorm2d) and not bn.affine

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dispatch
-from .batch_norm import count_batch, count_batches, unbiased_variance, update_running_stats, uses_batch_stats_only
+from .batch_norm import count_batch, count_batches, unbiased_variance, update_running_stats_of, uses_batch_stats_only
 from .cpu_convs import BlockDiagonalPointwise, Depthwise, pointwise_mm, pointwise_pixels_per_row, subsampled_depthwise
 from .ops import FactorizedReduce, Identity, ReLUSequential, StartsWithReLU, WrappedReLUSequential, pool_parts
 
@@ -116,15 +116,7 @@ def shared_batch_norm(y: torch.Tensor, bns: Sequence[nn.BatchNorm2d]) -> torch.T
                                                 count_batch(first), first.eps)
     with torch.no_grad():
         unbiased = unbiased_variance(invstd.pow(-2) - first.eps, y)
-        rest = bns[1:]
-        if first.momentum is not None and all(bn.momentum == first.momentum and bn.running_mean is not None for bn in rest):
-            factor = count_batches(rest)  # one call per statistic for them all
-            running = [bn.running_mean for bn in rest] + [bn.running_var for bn in rest]
-            torch._foreach_mul_(running, 1 - factor)
-            torch._foreach_add_(running, [mean] * len(rest) + [unbiased] * len(rest), alpha=factor)
-        else:
-            for bn in rest:
-                update_running_stats(bn, mean, unbiased, count_batch(bn))
+    update_running_stats_of(bns[1:], mean, unbiased)
     return out
 
 
