@@ -15,6 +15,10 @@ rate and weight-only epochs (README: what they change on this budget). With CIFA
     python bench/nb201_collapse.py --seeds 5 --methods darts drnas beta-darts darts-minus sdarts
     python bench/nb201_collapse.py --seeds 5 --first-seed 10 --a-lr 3e-3 --arch-warmup-epochs 10
     python bench/nb201_collapse.py --seeds 5 --methods drnas --drnas-progressive
+    python bench/nb201_collapse.py --seeds 5 --selection perturbation --projection-interval 2
+
+With `--selection perturbation` (DARTS-PT) each run also reports the cell that argmax would have derived
+from the same search (the last search epoch's), so the two selections are compared on the same supernets.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ METHODS = ["darts", "drnas", "beta-darts", "darts-minus", "sdarts", "gdas"]
 
 def run_one(method: str, seed: int, options: dict) -> tuple:
     """One seeded search with the given search options; returns (method, seed, derived arch, parameter-free
-    share, seconds)."""
+    share, seconds, the arch argmax derived at the end of the search epochs)."""
     import supernet
 
     torch.set_num_threads(1)
@@ -43,7 +47,9 @@ def run_one(method: str, seed: int, options: dict) -> tuple:
         result = supernet.search(space="nb201", method=method, seed=seed, retrain_epochs=0,
                                  run_dir=Path(tmp) / "run", **options)
     last = result.history["epochs"][-1]
-    return method, seed, str(result.results["genotype"]), last.get("parameter_free_share"), time.perf_counter() - start
+    searched = result.history["epochs"][options["epochs"] - 1]["genotype"]
+    return (method, seed, str(result.results["genotype"]), last.get("parameter_free_share"),
+            time.perf_counter() - start, searched)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,10 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drnas-progressive", action="store_true",
                         help="drnas runs DrNAS's progressive search (k=4, then k=2 with 3 candidates per edge, "
                         "each stage half the epochs); --arch-warmup-epochs then counts per stage")
+    parser.add_argument("--selection", default="argmax", choices=["argmax", "perturbation"],
+                        help="how the cell is read off the supernet (perturbation: DARTS-PT, after the search)")
+    parser.add_argument("--projection-interval", type=int, default=5,
+                        help="perturbation: tuning epochs between two projected edges (DARTS-PT: 5)")
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
     options = dict(C=args.C, layers=args.layers, epochs=args.epochs, batch_size=args.batch_size,
-                   dataset=args.dataset, data_dir=args.data_dir)
+                   dataset=args.dataset, data_dir=args.data_dir, selection=args.selection)
+    if args.selection == "perturbation":
+        options["projection_interval"] = args.projection_interval
     for name in ("a_lr", "arch_warmup_epochs", "sdarts_epsilon"):  # unset: each method's own value
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
@@ -90,22 +102,29 @@ def main(argv: list[str] | None = None) -> int:
         futures = [pool.submit(run_one, m, s, per_method[m]) for s in seeds for m in args.methods]
         for future in as_completed(futures):
             results.append(future.result())
-            method, seed, arch, free, seconds = results[-1]
+            method, seed, arch, free, seconds, searched = results[-1]
+            argmax = f"; argmax after the search: {table.rows[searched]['cifar10-test']:.2f} {searched}" \
+                if searched != arch else ""
             print(f"{label[method]} seed {seed}: {table.rows[arch]['cifar10-test']:.2f} {arch} "
-                  f"(parameter-free share {free:.2f}, {seconds:.0f} s)", flush=True)
+                  f"(parameter-free share {free:.2f}, {seconds:.0f} s{argmax})", flush=True)
     progressive = ", drnas progressive" if args.drnas_progressive else ""
     print(f"\nnb201 supernet, {options}{progressive}, seeds {seeds[0]}-{seeds[-1]}; "
           f"derived cells looked up in the 12-epoch table (cifar10-test; 90th percentile {p90:.2f}, "
           f"best {tests[-1]:.2f}); wall time {time.perf_counter() - start:.0f} s with {args.workers} workers\n")
-    print("| method | median | mean | >= 90th pct | parameter-free share | s/run |")
-    print("|---|---:|---:|---:|---:|---:|")
+    pt = args.selection == "perturbation"
+    print("| method | median | mean | >= 90th pct | parameter-free share | s/run |"
+          + (" argmax median / mean / >= 90th pct |" if pt else ""))
+    print("|---|---:|---:|---:|---:|---:|" + ("---|" if pt else ""))
     for method in args.methods:
         rows = [r for r in results if r[0] == method]
         accs = [table.rows[r[2]]["cifar10-test"] for r in rows]
         free = [r[3] for r in rows if r[3] is not None]
+        searched = [table.rows[r[5]]["cifar10-test"] for r in rows]
         print(f"| {label[method]} | {statistics.median(accs):.2f} | {statistics.mean(accs):.2f} | "
               f"{sum(a >= p90 for a in accs)}/{len(accs)} | {statistics.mean(free):.2f} | "
-              f"{statistics.mean(r[4] for r in rows):.1f} |", flush=True)
+              f"{statistics.mean(r[4] for r in rows):.1f} |"
+              + (f" {statistics.median(searched):.2f} / {statistics.mean(searched):.2f} / "
+                 f"{sum(a >= p90 for a in searched)}/{len(searched)} |" if pt else ""), flush=True)
     return 0
 
 

@@ -102,6 +102,25 @@ def path_plan(space: CellSpace, path) -> CellPlan:
     return plan
 
 
+def projected_plan(space: CellSpace, plan: CellPlan, projected: Mapping[int, int],
+                   removed: tuple[int, int] | None = None) -> CellPlan:
+    """A weighted plan after perturbation-based selection (DARTS-PT): each `projected` edge (edge -> op) runs
+    its op alone with weight 1, and the `removed` (edge, op) candidate, if any, is left out with the other
+    weights unchanged (not renormalised), as DARTS-PT masks a candidate to measure what the supernet loses."""
+    out = []
+    for node, node_plan in zip(space.intermediate_nodes, plan):
+        if node_plan.weights is None or node_plan.residual is not None or node_plan.edge_weights is not None:
+            raise ValueError("projecting edges needs a plan of weighted candidates (softmax or dirichlet mixing)")
+        keep = [i for i, (e, k) in enumerate(node_plan.pairs) if e not in projected and (e, k) != removed]
+        chosen = [(e, projected[e]) for e in space.node_edges(node)
+                  if e in projected and space.ops[projected[e]] != "none"]
+        weights = node_plan.weights[keep]
+        if chosen:
+            weights = torch.cat([weights, weights.new_ones(len(chosen))])
+        out.append(NodePlan([node_plan.pairs[i] for i in keep] + chosen, weights))
+    return out
+
+
 @MIXING.register("softmax")
 class Softmax(MixingRule):
     """DARTS: every candidate, weighted by softmax(alpha)."""

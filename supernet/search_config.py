@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, fields
 
-from . import checks, data
+from . import checks, data, selection
 from .devices import PRECISIONS
 from .mixing import MIXING, Dirichlet
 from .search_network import SearchNetwork
-from .spaces import list_spaces
+from .spaces import get_space, list_spaces
 
 DATASETS = (*data.DATASETS, "tensors")
 SDARTS_EPSILON_START = 0.03  # SDARTS-RS's noise bound in the first epoch (its code)
@@ -17,6 +17,8 @@ SDARTS_EPSILON_START = 0.03  # SDARTS-RS's noise bound in the first epoch (its c
 # divisor and the candidates each edge keeps; each stage takes half the epochs (its code: 50 and 50).
 DRNAS_STAGES = ((4, 5), (2, 3))
 DRNAS_STAGE_WARMUP = 0.2  # weight-only share of each stage (its code: the first 10 of each 50 epochs)
+SELECTIONS = ("argmax", "perturbation")
+PROJECTABLE_MIXING = ("softmax", "aux-skip", "random-smoothing", "dirichlet")  # every candidate weighted
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,11 @@ class SearchConfig:
     drnas_progressive: bool = False  # drnas, nb201: DrNAS's progressive search (DRNAS_STAGES): the first half of
     #                                  the epochs on 1/4 of the channels, the second on 1/2 with each edge pruned
     #                                  to its 3 best candidates; arch_warmup_epochs then counts per stage
+    selection: str = "argmax"  # how the architecture is read off the supernet: 'argmax' (the space's rule on the
+    #                            alphas) or 'perturbation' (DARTS-PT, supernet.selection: after the search, edges
+    #                            are fixed one at a time to the candidate whose removal costs the most validation
+    #                            accuracy, the supernet tuned in between)
+    projection_interval: int = 5  # perturbation: tuning epochs between two projections (DARTS-PT's proj_intv)
     hessian_every: int = 0  # every N epochs, the dominant eigenvalue of the alpha Hessian (0: never)
     checkpoint_every: int = 0  # steps between checkpoints inside an epoch (0: at the end of each epoch only)
     retrain_epochs: int = 6  # retraining of the derived and a random architecture (0: skip)
@@ -158,7 +165,7 @@ class SearchConfig:
             raise ValueError("precision fp16 is not supported with darts-2nd (its finite-difference step would "
                              "need unscaled gradients); use bf16 or fp32")
         for name in ("C", "layers", "epochs", "batch_size", "micro_batches", "retrain_C", "retrain_layers", "retrain_batch_size",
-                     "partial_k", "spos_candidates"):
+                     "partial_k", "spos_candidates", "projection_interval"):
             checks.integer(name, getattr(self, name))
         for name in ("retrain_epochs", "checkpoint_every", "seed", "hessian_every"):
             checks.integer(name, getattr(self, name), minimum=0)
@@ -190,6 +197,7 @@ class SearchConfig:
         else:
             checks.number("a_lr", self.a_lr, non_negative=True)
         self._check_drnas_progressive()
+        self._check_selection()
         if self.arch_warmup_epochs is None:
             self.arch_warmup_epochs = (int(DRNAS_STAGE_WARMUP * self.stage_epochs[0]) if self.drnas_progressive
                                        else int(m.warmup_fraction * self.epochs))
@@ -222,6 +230,35 @@ class SearchConfig:
         if self.C % divisor:
             raise ValueError(f"drnas_progressive runs candidates on 1/{divisor} of the channels: C={self.C} must be "
                              f"divisible by {divisor}")
+
+    def _check_selection(self) -> None:
+        checks.choice("selection", self.selection, SELECTIONS)
+        if self.selection != "perturbation":
+            return
+        mixing = self.method_spec.mixing
+        if not self.method_spec.learns_alphas or mixing not in PROJECTABLE_MIXING:
+            usable = [k for k, m in METHODS.items() if m.learns_alphas and m.mixing in PROJECTABLE_MIXING]
+            raise ValueError(f"selection='perturbation' masks candidates of a weighted supernet; it works with "
+                             f"{usable}, not {self.method!r}")
+        if self.space != "nb201":
+            raise ValueError(f"selection='perturbation' supports the nb201 space only (the darts space would also "
+                             f"need DARTS-PT's projection of each node's two inputs), not {self.space!r}")
+        if self.drnas_progressive:
+            raise ValueError("selection='perturbation' cannot follow drnas_progressive (pruned, partial-channel "
+                             "candidates); use one or the other")
+
+    @property
+    def tuning_epochs(self) -> int:
+        """Epochs after the search in which perturbation-based selection tunes the supernet (0 for argmax)."""
+        if self.selection != "perturbation":
+            return 0
+        space = get_space(self.space)
+        return selection.tuning_epochs(space.num_edges * len(space.cell_types), self.projection_interval)
+
+    @property
+    def total_epochs(self) -> int:
+        """Search epochs plus the selection's tuning epochs."""
+        return self.epochs + self.tuning_epochs
 
     @property
     def stage_epochs(self) -> tuple[int, ...]:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import architect, data, devices, distributed, runs
+from . import architect, data, devices, distributed, runs, selection
 from .search_config import DRNAS_STAGES, SDARTS_EPSILON_START, SearchConfig, build_network
 from .search_network import SearchNetwork, preserved_batchnorm, recalibrate_batchnorm
 from .tensorboard import Events
@@ -329,7 +329,7 @@ class Searcher:
         self._check_loss(loss, "validation (architecture)")
         regulariser = self.config.regulariser
         if regulariser is not None:
-            reg_grads, term = architect.regulariser_gradient(self.net, regulariser, self.regulariser_weight(self.epoch),
+            reg_grads, term = architect.regulariser_gradient(self.net, regulariser, self.regulariser_weight(self.schedule_epoch),
                                                              ctx=self.ctx)
             self._check_loss(term, f"{regulariser} regulariser")
             grads = [g + r for g, r in zip(grads, reg_grads, strict=True)]
@@ -380,7 +380,7 @@ class Searcher:
         """One search step on a global batch: an architecture step (once warm-up is over) and a weight step."""
         if self.model is not self.net and self.compile_seconds is None:
             began = time.perf_counter()
-        update_alphas = self.learns_alphas and self.stage(self.epoch)[1] >= self.config.arch_warmup_epochs
+        update_alphas = self.learns_alphas and (self.tuning or self.stage(self.epoch)[1] >= self.config.arch_warmup_epochs)
         n = len(train[1])
         train, val = self.local_batches(train), self.local_batches(val)
         if update_alphas and self.config.method_spec.arch_first:
@@ -396,6 +396,41 @@ class Searcher:
         self.running["loss"] += loss * n
         self.running["correct"] += correct
         self.running["seen"] += n
+
+    @property
+    def tuning(self) -> bool:
+        """Whether the run is past the search, in perturbation-based selection's tuning epochs."""
+        return self.epoch >= self.config.epochs
+
+    @property
+    def schedule_epoch(self) -> int:
+        """The epoch the schedules (tau, auxiliary skip, noise bound, regulariser weight) follow: the current
+        one, or the last search epoch while selection tunes the supernet, which keeps the search's last values."""
+        return min(self.epoch, self.config.epochs - 1)
+
+    def _project_due_edges(self) -> None:
+        """Perturbation-based selection, at the start of a tuning epoch: projects the edges due by now (none
+        done yet: the weights' optimizer first restarts at a tenth of w_lr, constant, without momentum, as
+        DARTS-PT's reset_optimizer). Edges already projected by a resumed run's checkpoint are not redone."""
+        c = self.config
+        done = sum(len(chosen) for chosen in self.net.projected_edges().values())
+        due = selection.projections_due(self.epoch - c.epochs, len(self.net.space.cell_types) *
+                                        self.net.space.num_edges, c.projection_interval)
+        if done == 0 and due:
+            self.w_opt.state.clear()
+            for group in self.w_opt.param_groups:
+                group["lr"] = c.w_lr * selection.TUNING_LR_FACTOR
+        for count in range(done, due):
+            cell_type, edge = selection.projection_rng(c.seed, count).choice(selection.open_edges(self.net))
+            op, scores = selection.select_operation(self.net, cell_type, edge, self.split.val, c.batch_size,
+                                                    self.device, self.precision.autocast)
+            self.net.project_edge(cell_type, edge, op)
+            self.history.setdefault("projections", []).append(
+                {"epoch": self.epoch + 1, "cell_type": cell_type, "edge": edge, "op": self.net.space.ops[op],
+                 "scores": scores})
+            self.log(f"selection: edge {edge} of the {cell_type} cell -> {self.net.space.ops[op]} (validation "
+                     "accuracy without each candidate: "
+                     + ", ".join(f"{s['op']} {s['accuracy']:.4f}" for s in scores) + ")")
 
     def stage(self, epoch: int) -> tuple[int, int]:
         """(stage, epoch within it): DrNAS's progressive search has two stages, every other search one; the
@@ -446,13 +481,15 @@ class Searcher:
                 batch = devices.to_device((x[:c.batch_size], y[:c.batch_size]), self.device)
                 out["hessian_eigenvalue"] = hessian_eigenvalue(self.net, batch, seed=c.seed)  # in fp32
         if c.regulariser is not None:
-            out["regulariser_weight"] = self.regulariser_weight(self.epoch)
+            out["regulariser_weight"] = self.regulariser_weight(self.schedule_epoch)
         if c.method_spec.decays_aux_skip:
             out["aux_skip"] = self.net.mixing.beta
         if c.method_spec.smooths_weight_step:
             out["sdarts_epsilon"] = self.net.mixing.epsilon
         if c.drnas_progressive:
             out["channel_divisor"] = self.net.mixing.channel_divisor
+        if c.selection == "perturbation":
+            out["projected_edges"] = sum(len(chosen) for chosen in self.net.projected_edges().values())
         return out
 
     def tau(self, epoch: int) -> float:
@@ -461,7 +498,8 @@ class Searcher:
         return c.tau_max - (c.tau_max - c.tau_min) * epoch / max(c.epochs - 1, 1)
 
     def _end_epoch(self) -> None:
-        self.scheduler.step()
+        if not self.tuning:  # selection tunes at a constant rate
+            self.scheduler.step()
         seen = max(self.running["seen"], 1)
         if self.world > 1:  # batch-norm running statistics: the ranks' average, so every rank holds the same
             distributed.all_reduce_mean([b for b in self.net.buffers() if b.is_floating_point()],
@@ -483,7 +521,7 @@ class Searcher:
         if self.learns_alphas:
             self.events.alphas(record["epoch"], self.history["alphas"][-1], self.net.space.ops, self.net.space.edges)
         self.events.text("search/genotype", record["genotype"], record["epoch"])
-        self.log(f"epoch {record['epoch']}/{self.config.epochs}: train loss {record['train_loss']:.4f}, "
+        self.log(f"epoch {record['epoch']}/{self.config.total_epochs}: train loss {record['train_loss']:.4f}, "
                  f"train acc {record['train_accuracy']:.4f}, val acc {record['val_accuracy']:.4f}, "
                  f"parameter-free share {record['parameter_free_share']:.3f}"
                  + (f", alpha entropy {record['alpha_entropy']:.4f}" if "alpha_entropy" in record else "")
@@ -498,18 +536,21 @@ class Searcher:
 
         c = self.config
         self.net.train()
-        epochs = tqdm(total=c.epochs, desc=f"search ({c.method})", unit="epoch", disable=self.quiet,
+        epochs = tqdm(total=c.total_epochs, desc=f"search ({c.method})", unit="epoch", disable=self.quiet,
                       initial=self.epoch, dynamic_ncols=True)
-        for epoch in range(self.epoch, c.epochs if not self.search_done else 0):
-            stage, within = self.stage(epoch)
-            if stage and within == 0 and self.net.mixing.channel_divisor != DRNAS_STAGES[stage][0]:
-                self._enter_stage(stage)  # not yet done: a run resumed inside the stage loaded it done
+        for epoch in range(self.epoch, c.total_epochs if not self.search_done else 0):
+            if self.tuning:
+                self._project_due_edges()
+            else:
+                stage, within = self.stage(epoch)
+                if stage and within == 0 and self.net.mixing.channel_divisor != DRNAS_STAGES[stage][0]:
+                    self._enter_stage(stage)  # not yet done: a run resumed inside the stage loaded it done
             if c.method_spec.anneals_temperature:
-                self.net.mixing.tau = self.tau(epoch)
+                self.net.mixing.tau = self.tau(self.schedule_epoch)
             if c.method_spec.decays_aux_skip:
-                self.net.mixing.beta = self.aux_skip(epoch)
+                self.net.mixing.beta = self.aux_skip(self.schedule_epoch)
             if c.method_spec.smooths_weight_step:
-                self.net.mixing.epsilon = self.smoothing_epsilon(epoch)
+                self.net.mixing.epsilon = self.smoothing_epsilon(self.schedule_epoch)
             augment = self.split.black if c.augment else None  # both halves, as DARTS's search does
             train = data.epoch_batches(self.split.train, c.batch_size, c.seed, epoch, start=self.step, augment=augment)
             val = data.epoch_batches(self.split.val, c.batch_size, c.seed + 1, epoch, start=self.step, augment=augment)
@@ -542,7 +583,8 @@ class Searcher:
         return self.genotype
 
     def derive(self) -> Any:
-        """The searched genotype: the space's rule on the alphas, or for SPOS the best sampled subnet."""
+        """The searched genotype: the space's rule on the alphas (on the projected edges with perturbation-based
+        selection), or for SPOS the best sampled subnet."""
         if self.config.method_spec.arch_order > 0:
             return self.net.derive()
         return self.best_sampled_subnet()

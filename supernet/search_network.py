@@ -7,11 +7,12 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import batched_cell, dispatch
 from .checks import images, integer
-from .mixing import CellPlan, Dirichlet, Fixed, MixingRule, Sample, channel_shuffle, make_mixing
+from .mixing import CellPlan, Dirichlet, Fixed, MixingRule, Sample, Softmax, channel_shuffle, make_mixing, projected_plan
 from .ops import FactorizedReduce, ReLUConvBN, build_op
 from .spaces import CellSpace, get_space
 
@@ -152,6 +153,7 @@ class SearchNetwork(nn.Module):
         self.mixing = make_mixing(mixing, self.space, genotype, partial_k, tau)
         self.C, self.layers, self.num_classes, self.in_channels = C, layers, num_classes, in_channels
         self.fused = fused
+        self._removed: tuple[str, int, int] | None = None  # a candidate left out (without_candidate)
         k = self.mixing.channel_divisor
         if C % k:  # every cell has a multiple of C channels
             raise ValueError(f"mixing='partial' with k={k} cannot divide C={C} channels; choose C divisible by {k}")
@@ -203,9 +205,52 @@ class SearchNetwork(nn.Module):
         return [p for p in self.parameters() if id(p) not in arch]
 
     def edge_strengths(self) -> dict[str, torch.Tensor]:
-        """Per cell type, the (edges, ops) strengths that derivation ranks."""
+        """Per cell type, the (edges, ops) strengths that derivation ranks: a projected edge's row is one-hot."""
         with torch.no_grad():
-            return self.mixing.edge_strengths(self.space, self.architecture())
+            strengths = self.mixing.edge_strengths(self.space, self.architecture())
+            for ct, chosen in self.projected_edges().items():
+                for e, k in chosen.items():
+                    strengths[ct][e] = F.one_hot(torch.tensor(k), len(self.space.ops)).to(strengths[ct])
+            return strengths
+
+    # --- perturbation-based selection (DARTS-PT): projected edges, a candidate left out ------------
+    def project_edge(self, cell_type: str, edge: int, op: int) -> None:
+        """Fixes `edge` of `cell_type` to candidate `op`: from now on it runs that op alone with weight 1, and
+        derivation takes it. Kept in the buffer `projected_<cell type>` (-1: not projected), so a state_dict
+        holds the projections and `load_state_dict` restores them."""
+        if not isinstance(self.mixing, (Softmax, Dirichlet)) or self.mixing.channel_divisor > 1:
+            raise ValueError(f"projecting edges needs softmax-weighted or dirichlet mixing on all channels, not "
+                             f"{self.mixing!r}")
+        if cell_type not in self.space.cell_types:
+            raise ValueError(f"unknown cell type {cell_type!r}; expected one of {list(self.space.cell_types)}")
+        if not (0 <= edge < self.space.num_edges and 0 <= op < len(self.space.ops)):
+            raise ValueError(f"edge {edge} / op {op} out of range: the {self.space.name} cell has "
+                             f"{self.space.num_edges} edges of {len(self.space.ops)} candidates")
+        if edge in self.projected_edges().get(cell_type, {}):
+            raise ValueError(f"edge {edge} of the {cell_type} cell is projected already")
+        name = f"projected_{cell_type}"
+        if name not in self._buffers:
+            self.register_buffer(name, torch.full((self.space.num_edges,), -1, dtype=torch.long,
+                                                  device=self.alphas(cell_type).device))
+        self._buffers[name][edge] = op
+
+    def projected_edges(self) -> dict[str, dict[int, int]]:
+        """Per cell type with projections, {edge: op} of its projected edges."""
+        out = {}
+        for ct in self.space.cell_types:
+            chosen = self._buffers.get(f"projected_{ct}")
+            if chosen is not None:
+                out[ct] = {e: k for e, k in enumerate(chosen.tolist()) if k >= 0}
+        return out
+
+    @contextlib.contextmanager
+    def without_candidate(self, cell_type: str, edge: int, op: int) -> Iterator[None]:
+        """Forwards inside leave candidate `op` of `edge` out, the other weights unchanged (DARTS-PT's mask)."""
+        self._removed = (cell_type, edge, op)
+        try:
+            yield
+        finally:
+            self._removed = None
 
     # --- DrNAS's progressive search: pruned candidates, wider partial channels ------------------------
     def restrict_candidates(self, kept: dict[str, torch.Tensor]) -> None:
@@ -300,6 +345,11 @@ class SearchNetwork(nn.Module):
         if "channel_divisor" in state_dict and int(state_dict["channel_divisor"]) != self.mixing.channel_divisor:
             with torch.random.fork_rng(devices=[]):  # the widening's draws are overwritten: leave the RNG be
                 self.widen_partial_channels(int(state_dict["channel_divisor"]))
+        for ct in self.space.cell_types:  # projected edges (perturbation-based selection)
+            name = f"projected_{ct}"
+            if name in state_dict and name not in self._buffers:
+                self.register_buffer(name, torch.full((self.space.num_edges,), -1, dtype=torch.long,
+                                                      device=self.alphas(ct).device))
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def derive(self) -> Any:
@@ -314,8 +364,14 @@ class SearchNetwork(nn.Module):
         images(x, self.in_channels, dtype=self.stem[0].weight.dtype)
 
     def plans(self) -> dict[str, CellPlan]:
-        """The mixing rule's plan for the next forward pass."""
-        return self.mixing.plan(self.space, self.architecture())
+        """The mixing rule's plan for the next forward pass (with the projections and a left-out candidate)."""
+        plans = self.mixing.plan(self.space, self.architecture())
+        projected, removed = self.projected_edges(), self._removed
+        if not projected and removed is None:
+            return plans
+        return {ct: projected_plan(self.space, plan, projected.get(ct, {}),
+                                   removed[1:] if removed is not None and removed[0] == ct else None)
+                for ct, plan in plans.items()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

@@ -195,6 +195,8 @@ def _search(resume, data, out, run_dir, quiet, callback, on_run_dir, device, com
         paths[f"cell_{ct}"] = plots.plot_cell(genotype, space, ct, run_dir / f"cell_{ct}.png")
     results["paths"] = {k: str(v) for k, v in paths.items()}
     results["history"] = searcher.history["epochs"]
+    if "projections" in searcher.history:  # perturbation-based selection: each edge's choice and its scores
+        results["projections"] = searcher.history["projections"]
     runs.atomic_write_json(results, paths["results"])
     events = searcher.events
     events.scalars(0, {f"{k}_test_accuracy": results[k]["test_accuracy"] for k in ("derived", "random")

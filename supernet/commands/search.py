@@ -16,7 +16,7 @@ from ..cli import add_device_arguments, set_threads
 from ..data import load_data_file
 from ..devices import PRECISIONS
 from ..distributed import PeerFailure
-from ..search_config import DATASETS, METHODS, SearchConfig
+from ..search_config import DATASETS, METHODS, SELECTIONS, SearchConfig
 from ..search_loop import DivergenceError
 from ..search_run import search
 from ..spaces import list_spaces
@@ -66,6 +66,11 @@ HELP = {
     "drnas_progressive": "drnas, nb201: DrNAS's progressive search: the first half of the epochs on 1/4 of the "
                          "channels, the second on 1/2 with each edge pruned to its 3 strongest candidates; "
                          "--arch-warmup-epochs then counts per stage (default: 20%% of a stage, DrNAS's 10 of 50)",
+    "selection": "how the architecture is read off the supernet: argmax (the space's rule on the alphas) or "
+                 "perturbation (DARTS-PT, nb201: after the search, each edge in turn is fixed to the candidate whose "
+                 "removal costs the supernet the most validation accuracy, with --projection-interval tuning epochs "
+                 "between two edges)",
+    "projection_interval": "selection perturbation: tuning epochs between two projected edges (DARTS-PT: 5)",
     "hessian_every": "every N epochs, record the dominant eigenvalue of the validation-loss Hessian w.r.t. the "
                      "alphas (power iteration on one validation batch; 0: never)",
     "checkpoint_every": "also checkpoint every N steps inside an epoch (0: at epoch ends only)",
@@ -79,7 +84,8 @@ HELP = {
     "retrain_grad_clip": "retraining gradient-norm clip",
     "retrain_batch_size": "retraining batch size",
 }
-CHOICES = {"method": list(METHODS), "space": list_spaces(), "dataset": list(DATASETS), "precision": list(PRECISIONS)}
+CHOICES = {"method": list(METHODS), "space": list_spaces(), "dataset": list(DATASETS), "precision": list(PRECISIONS),
+           "selection": list(SELECTIONS)}
 
 
 def _boolean(text: str) -> bool:
