@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,18 +102,22 @@ def path_plan(space: CellSpace, path) -> CellPlan:
     return plan
 
 
-def projected_plan(space: CellSpace, plan: CellPlan, projected: Mapping[int, int],
-                   removed: tuple[int, int] | None = None) -> CellPlan:
+def projected_plan(space: CellSpace, plan: CellPlan, projected: Mapping[int, int], dropped: Collection[int] = (),
+                   removed: tuple[int, int | None] | None = None) -> CellPlan:
     """A weighted plan after perturbation-based selection (DARTS-PT): each `projected` edge (edge -> op) runs
-    its op alone with weight 1, and the `removed` (edge, op) candidate, if any, is left out with the other
-    weights unchanged (not renormalised), as DARTS-PT masks a candidate to measure what the supernet loses."""
+    its op alone with weight 1, `dropped` edges (inputs a node no longer takes) run nothing, and the `removed`
+    (edge, op) candidate, or with op None the whole edge, is left out; every other weight stays as it is (not
+    renormalised), as DARTS-PT masks candidates and edges to measure what the supernet loses."""
+    def gone(e: int, k: int) -> bool:
+        return e in dropped or (removed is not None and removed[0] == e and removed[1] in (None, k))
+
     out = []
     for node, node_plan in zip(space.intermediate_nodes, plan):
         if node_plan.weights is None or node_plan.residual is not None or node_plan.edge_weights is not None:
             raise ValueError("projecting edges needs a plan of weighted candidates (softmax or dirichlet mixing)")
-        keep = [i for i, (e, k) in enumerate(node_plan.pairs) if e not in projected and (e, k) != removed]
+        keep = [i for i, (e, k) in enumerate(node_plan.pairs) if e not in projected and not gone(e, k)]
         chosen = [(e, projected[e]) for e in space.node_edges(node)
-                  if e in projected and space.ops[projected[e]] != "none"]
+                  if e in projected and space.ops[projected[e]] != "none" and not gone(e, projected[e])]
         weights = node_plan.weights[keep]
         if chosen:
             weights = torch.cat([weights, weights.new_ones(len(chosen))])

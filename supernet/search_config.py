@@ -137,7 +137,7 @@ class SearchConfig:
     selection: str = "argmax"  # how the architecture is read off the supernet: 'argmax' (the space's rule on the
     #                            alphas) or 'perturbation' (DARTS-PT, supernet.selection: after the search, edges
     #                            are fixed one at a time to the candidate whose removal costs the most validation
-    #                            accuracy, the supernet tuned in between)
+    #                            accuracy, then nodes to their inputs (darts), the supernet tuned in between)
     projection_interval: int = 5  # perturbation: tuning epochs between two projections (DARTS-PT's proj_intv)
     hessian_every: int = 0  # every N epochs, the dominant eigenvalue of the alpha Hessian (0: never)
     checkpoint_every: int = 0  # steps between checkpoints inside an epoch (0: at the end of each epoch only)
@@ -240,9 +240,6 @@ class SearchConfig:
             usable = [k for k, m in METHODS.items() if m.learns_alphas and m.mixing in PROJECTABLE_MIXING]
             raise ValueError(f"selection='perturbation' masks candidates of a weighted supernet; it works with "
                              f"{usable}, not {self.method!r}")
-        if self.space != "nb201":
-            raise ValueError(f"selection='perturbation' supports the nb201 space only (the darts space would also "
-                             f"need DARTS-PT's projection of each node's two inputs), not {self.space!r}")
         if self.drnas_progressive:
             raise ValueError("selection='perturbation' cannot follow drnas_progressive (pruned, partial-channel "
                              "candidates); use one or the other")
@@ -252,8 +249,7 @@ class SearchConfig:
         """Epochs after the search in which perturbation-based selection tunes the supernet (0 for argmax)."""
         if self.selection != "perturbation":
             return 0
-        space = get_space(self.space)
-        return selection.tuning_epochs(space.num_edges * len(space.cell_types), self.projection_interval)
+        return selection.tuning_epochs(selection.projection_events(get_space(self.space)), self.projection_interval)
 
     @property
     def total_epochs(self) -> int:

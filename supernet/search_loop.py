@@ -404,33 +404,47 @@ class Searcher:
 
     @property
     def schedule_epoch(self) -> int:
-        """The epoch the schedules (tau, auxiliary skip, noise bound, regulariser weight) follow: the current
-        one, or the last search epoch while selection tunes the supernet, which keeps the search's last values."""
-        return min(self.epoch, self.config.epochs - 1)
+        """The epoch the schedules (tau, auxiliary skip, noise bound, regulariser weight) follow: the current one,
+        or while selection tunes the supernet the end of the search, where they arrive after its last epoch
+        (DARTS-'s auxiliary skip at 0, SDARTS-RS's noise bound and beta-DARTS's weight at their full values)."""
+        return min(self.epoch, self.config.epochs)
 
-    def _project_due_edges(self) -> None:
-        """Perturbation-based selection, at the start of a tuning epoch: projects the edges due by now (none
-        done yet: the weights' optimizer first restarts at a tenth of w_lr, constant, without momentum, as
-        DARTS-PT's reset_optimizer). Edges already projected by a resumed run's checkpoint are not redone."""
-        c = self.config
-        done = sum(len(chosen) for chosen in self.net.projected_edges().values())
-        due = selection.projections_due(self.epoch - c.epochs, len(self.net.space.cell_types) *
-                                        self.net.space.num_edges, c.projection_interval)
+    def _project_due(self) -> None:
+        """Perturbation-based selection, at the start of a tuning epoch: makes the projections due by now in
+        every cell type (none made yet: the weights' optimizer first restarts at a tenth of w_lr, constant,
+        without momentum, as DARTS-PT's reset_optimizer). Projections a resumed run's checkpoint holds are not
+        redone."""
+        c, space = self.config, self.net.space
+        projections = self.history.setdefault("projections", [])
+        done = len(projections) // len(space.cell_types)
+        due = selection.projections_due(self.epoch - c.epochs, selection.projection_events(space),
+                                        c.projection_interval)
         if done == 0 and due:
             self.w_opt.state.clear()
             for group in self.w_opt.param_groups:
                 group["lr"] = c.w_lr * selection.TUNING_LR_FACTOR
+        scoring = (self.split.val, c.batch_size, self.device, self.precision.autocast)
         for count in range(done, due):
-            cell_type, edge = selection.projection_rng(c.seed, count).choice(selection.open_edges(self.net))
-            op, scores = selection.select_operation(self.net, cell_type, edge, self.split.val, c.batch_size,
-                                                    self.device, self.precision.autocast)
-            self.net.project_edge(cell_type, edge, op)
-            self.history.setdefault("projections", []).append(
-                {"epoch": self.epoch + 1, "cell_type": cell_type, "edge": edge, "op": self.net.space.ops[op],
-                 "scores": scores})
-            self.log(f"selection: edge {edge} of the {cell_type} cell -> {self.net.space.ops[op]} (validation "
-                     "accuracy without each candidate: "
-                     + ", ".join(f"{s['op']} {s['accuracy']:.4f}" for s in scores) + ")")
+            rng = selection.projection_rng(c.seed, count)
+            for ct in space.cell_types:
+                record: dict[str, Any] = {"epoch": self.epoch + 1, "cell_type": ct}
+                if count < space.num_edges:  # an edge's op
+                    edge = rng.choice(selection.open_edges(self.net, ct))
+                    op, scores = selection.select_operation(self.net, ct, edge, *scoring)
+                    self.net.project_edge(ct, edge, op)
+                    record.update(edge=edge, op=space.ops[op], scores=scores)
+                    self.log(f"selection: edge {edge} of the {ct} cell -> {space.ops[op]} (validation accuracy "
+                             "without each candidate: " + ", ".join(f"{s['op']} {s['accuracy']:.4f}" for s in scores)
+                             + ")")
+                else:  # a node's inputs
+                    settled = {p["node"] for p in projections if p["cell_type"] == ct and "node" in p}
+                    node = rng.choice([n for n in space.intermediate_nodes if n not in settled])
+                    dropped, rounds = selection.select_inputs(self.net, ct, node, *scoring)
+                    for e in dropped:
+                        self.net.drop_edge(ct, e)
+                    record.update(node=node, dropped=dropped, scores=rounds)
+                    self.log(f"selection: node {node} of the {ct} cell drops the inputs of edges {dropped}")
+                projections.append(record)
 
     def stage(self, epoch: int) -> tuple[int, int]:
         """(stage, epoch within it): DrNAS's progressive search has two stages, every other search one; the
@@ -490,6 +504,7 @@ class Searcher:
             out["channel_divisor"] = self.net.mixing.channel_divisor
         if c.selection == "perturbation":
             out["projected_edges"] = sum(len(chosen) for chosen in self.net.projected_edges().values())
+            out["dropped_edges"] = sum(len(dropped) for dropped in self.net.dropped_edges().values())
         return out
 
     def tau(self, epoch: int) -> float:
@@ -540,7 +555,7 @@ class Searcher:
                       initial=self.epoch, dynamic_ncols=True)
         for epoch in range(self.epoch, c.total_epochs if not self.search_done else 0):
             if self.tuning:
-                self._project_due_edges()
+                self._project_due()
             else:
                 stage, within = self.stage(epoch)
                 if stage and within == 0 and self.net.mixing.channel_divisor != DRNAS_STAGES[stage][0]:

@@ -153,7 +153,7 @@ class SearchNetwork(nn.Module):
         self.mixing = make_mixing(mixing, self.space, genotype, partial_k, tau)
         self.C, self.layers, self.num_classes, self.in_channels = C, layers, num_classes, in_channels
         self.fused = fused
-        self._removed: tuple[str, int, int] | None = None  # a candidate left out (without_candidate)
+        self._removed: tuple[str, int, int | None] | None = None  # a candidate left out (without_candidate)
         k = self.mixing.channel_divisor
         if C % k:  # every cell has a multiple of C channels
             raise ValueError(f"mixing='partial' with k={k} cannot divide C={C} channels; choose C divisible by {k}")
@@ -205,34 +205,51 @@ class SearchNetwork(nn.Module):
         return [p for p in self.parameters() if id(p) not in arch]
 
     def edge_strengths(self) -> dict[str, torch.Tensor]:
-        """Per cell type, the (edges, ops) strengths that derivation ranks: a projected edge's row is one-hot."""
+        """Per cell type, the (edges, ops) strengths that derivation ranks: a projected edge's row is one-hot, a
+        dropped edge's zero."""
         with torch.no_grad():
             strengths = self.mixing.edge_strengths(self.space, self.architecture())
             for ct, chosen in self.projected_edges().items():
                 for e, k in chosen.items():
                     strengths[ct][e] = F.one_hot(torch.tensor(k), len(self.space.ops)).to(strengths[ct])
+            for ct, dropped in self.dropped_edges().items():
+                strengths[ct][sorted(dropped)] = 0.0
             return strengths
 
-    # --- perturbation-based selection (DARTS-PT): projected edges, a candidate left out ------------
-    def project_edge(self, cell_type: str, edge: int, op: int) -> None:
-        """Fixes `edge` of `cell_type` to candidate `op`: from now on it runs that op alone with weight 1, and
-        derivation takes it. Kept in the buffer `projected_<cell type>` (-1: not projected), so a state_dict
-        holds the projections and `load_state_dict` restores them."""
+    # --- perturbation-based selection (DARTS-PT): projected and dropped edges, a candidate left out ------
+    def _selection_buffer(self, kind: str, cell_type: str, fill: int | bool) -> torch.Tensor:
+        """The (edges,) buffer `<kind>_<cell type>` (made on first use, so a state_dict holds it)."""
+        name = f"{kind}_{cell_type}"
+        if name not in self._buffers:
+            self.register_buffer(name, torch.full((self.space.num_edges,), fill, device=self.alphas(cell_type).device))
+        return self._buffers[name]
+
+    def _check_edge(self, cell_type: str, edge: int, projecting: bool) -> None:
         if not isinstance(self.mixing, (Softmax, Dirichlet)) or self.mixing.channel_divisor > 1:
             raise ValueError(f"projecting edges needs softmax-weighted or dirichlet mixing on all channels, not "
                              f"{self.mixing!r}")
         if cell_type not in self.space.cell_types:
             raise ValueError(f"unknown cell type {cell_type!r}; expected one of {list(self.space.cell_types)}")
-        if not (0 <= edge < self.space.num_edges and 0 <= op < len(self.space.ops)):
-            raise ValueError(f"edge {edge} / op {op} out of range: the {self.space.name} cell has "
-                             f"{self.space.num_edges} edges of {len(self.space.ops)} candidates")
-        if edge in self.projected_edges().get(cell_type, {}):
+        if not 0 <= edge < self.space.num_edges:
+            raise ValueError(f"edge {edge} out of range: the {self.space.name} cell has {self.space.num_edges} edges")
+        if edge in self.dropped_edges().get(cell_type, ()):
+            raise ValueError(f"edge {edge} of the {cell_type} cell is dropped already")
+        if projecting and edge in self.projected_edges().get(cell_type, {}):
             raise ValueError(f"edge {edge} of the {cell_type} cell is projected already")
-        name = f"projected_{cell_type}"
-        if name not in self._buffers:
-            self.register_buffer(name, torch.full((self.space.num_edges,), -1, dtype=torch.long,
-                                                  device=self.alphas(cell_type).device))
-        self._buffers[name][edge] = op
+
+    def project_edge(self, cell_type: str, edge: int, op: int) -> None:
+        """Fixes `edge` of `cell_type` to candidate `op`: from now on it runs that op alone with weight 1, and
+        derivation takes it. Kept in the buffer `projected_<cell type>` (-1: not projected)."""
+        self._check_edge(cell_type, edge, projecting=True)
+        if not 0 <= op < len(self.space.ops):
+            raise ValueError(f"op {op} out of range: an edge has {len(self.space.ops)} candidates")
+        self._selection_buffer("projected", cell_type, -1)[edge] = op
+
+    def drop_edge(self, cell_type: str, edge: int) -> None:
+        """Removes `edge` of `cell_type` (projected or not) from the cell, its node keeping its other inputs: it
+        runs nothing from now on, and derivation never takes it. Kept in the bool buffer `dropped_<cell type>`."""
+        self._check_edge(cell_type, edge, projecting=False)
+        self._selection_buffer("dropped", cell_type, False)[edge] = True
 
     def projected_edges(self) -> dict[str, dict[int, int]]:
         """Per cell type with projections, {edge: op} of its projected edges."""
@@ -243,9 +260,15 @@ class SearchNetwork(nn.Module):
                 out[ct] = {e: k for e, k in enumerate(chosen.tolist()) if k >= 0}
         return out
 
+    def dropped_edges(self) -> dict[str, set[int]]:
+        """Per cell type with dropped edges, the set of them."""
+        return {ct: {e for e, d in enumerate(self._buffers[f"dropped_{ct}"].tolist()) if d}
+                for ct in self.space.cell_types if f"dropped_{ct}" in self._buffers}
+
     @contextlib.contextmanager
-    def without_candidate(self, cell_type: str, edge: int, op: int) -> Iterator[None]:
-        """Forwards inside leave candidate `op` of `edge` out, the other weights unchanged (DARTS-PT's mask)."""
+    def without_candidate(self, cell_type: str, edge: int, op: int | None) -> Iterator[None]:
+        """Forwards inside leave candidate `op` of `edge` out, or with op None the whole edge, the other weights
+        unchanged (DARTS-PT's masks)."""
         self._removed = (cell_type, edge, op)
         try:
             yield
@@ -345,11 +368,10 @@ class SearchNetwork(nn.Module):
         if "channel_divisor" in state_dict and int(state_dict["channel_divisor"]) != self.mixing.channel_divisor:
             with torch.random.fork_rng(devices=[]):  # the widening's draws are overwritten: leave the RNG be
                 self.widen_partial_channels(int(state_dict["channel_divisor"]))
-        for ct in self.space.cell_types:  # projected edges (perturbation-based selection)
-            name = f"projected_{ct}"
-            if name in state_dict and name not in self._buffers:
-                self.register_buffer(name, torch.full((self.space.num_edges,), -1, dtype=torch.long,
-                                                      device=self.alphas(ct).device))
+        for ct in self.space.cell_types:  # projected and dropped edges (perturbation-based selection)
+            for kind, fill in (("projected", -1), ("dropped", False)):
+                if f"{kind}_{ct}" in state_dict:
+                    self._selection_buffer(kind, ct, fill)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def derive(self) -> Any:
@@ -366,10 +388,10 @@ class SearchNetwork(nn.Module):
     def plans(self) -> dict[str, CellPlan]:
         """The mixing rule's plan for the next forward pass (with the projections and a left-out candidate)."""
         plans = self.mixing.plan(self.space, self.architecture())
-        projected, removed = self.projected_edges(), self._removed
-        if not projected and removed is None:
+        projected, dropped, removed = self.projected_edges(), self.dropped_edges(), self._removed
+        if not projected and not dropped and removed is None:
             return plans
-        return {ct: projected_plan(self.space, plan, projected.get(ct, {}),
+        return {ct: projected_plan(self.space, plan, projected.get(ct, {}), dropped.get(ct, set()),
                                    removed[1:] if removed is not None and removed[0] == ct else None)
                 for ct, plan in plans.items()}
 

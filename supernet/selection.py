@@ -1,13 +1,15 @@
 """Perturbation-based architecture selection (DARTS-PT: Wang et al., "Rethinking Architecture Selection in
-Differentiable NAS", ICLR 2021), as its NB201 code does it (`nasbench201/projection.py`).
+Differentiable NAS", ICLR 2021), as its code does it (`nasbench201/projection.py`, `sota/cnn/projection.py`).
 
 The magnitude of an alpha need not say how much the supernet relies on its candidate: DARTS's collapse to
 skips and pools is largely an artefact of reading the architecture off the alphas. DARTS-PT reads it off the
 supernet instead. After the search, the supernet is tuned further (the weights at a tenth of the search's
 initial learning rate, the alphas of the open edges as before) and, every `interval` tuning epochs, one
-edge chosen at random is fixed (projected) to the candidate whose removal costs the supernet the most
-validation accuracy; the last edge is fixed at the start of the last tuning epoch. The schedule takes
-`interval * (edges - 1)` tuning epochs, DARTS-PT's `proj_intv * (num_edges - 1)`.
+projection is made in every cell type: first each edge in turn, chosen at random, is fixed to the candidate
+whose removal costs the supernet the most validation accuracy; then, in spaces where a node takes only some
+of its inputs (DARTS: 2), each node in turn, at random, drops the inputs whose removal costs the least until
+it has that many. The last projection comes at the start of the last tuning epoch; the schedule takes
+`interval * (projections - 1)` tuning epochs (DARTS-PT's NB201 code: `proj_intv * (num_edges - 1)`).
 """
 
 from __future__ import annotations
@@ -22,28 +24,38 @@ import torch.nn.functional as F
 
 from . import data
 from .search_network import SearchNetwork, preserved_batchnorm
+from .spaces import CellSpace
 
 TUNING_LR_FACTOR = 0.1  # DARTS-PT tunes the weights at learning_rate / 10, constant, with fresh momentum
 
 
-def tuning_epochs(num_edges: int, interval: int) -> int:
-    """Epochs of tuning for `num_edges` edges (every cell type's), one projection every `interval` epochs."""
-    return max(interval * (num_edges - 1), 1)
+def projection_events(space: CellSpace) -> int:
+    """Projections per cell type: one per edge, then one per node where nodes choose their inputs."""
+    return space.num_edges + (len(space.intermediate_nodes) if space.inputs_per_node is not None else 0)
 
 
-def projections_due(tuning_epoch: int, num_edges: int, interval: int) -> int:
-    """How many edges are projected by the start of tuning epoch `tuning_epoch` (0-based): edge j at epoch
-    j * interval, or at the last epoch if that comes first (DARTS-PT: `epoch % proj_intv == 0 or epoch ==
+def op_candidates(space: CellSpace) -> list[int]:
+    """The candidates an edge can be fixed to: all, except `none` where derivation never picks it (DARTS)."""
+    return [k for k, op in enumerate(space.ops) if op != "none" or space.inputs_per_node is None]
+
+
+def tuning_epochs(events: int, interval: int) -> int:
+    """Epochs of tuning for `events` projections, one every `interval` epochs."""
+    return max(interval * (events - 1), 1)
+
+
+def projections_due(tuning_epoch: int, events: int, interval: int) -> int:
+    """How many projections are made by the start of tuning epoch `tuning_epoch` (0-based): projection j at
+    epoch j * interval, or at the last epoch if that comes first (DARTS-PT: `epoch % proj_intv == 0 or epoch ==
     tune_epochs - 1`)."""
-    last = tuning_epochs(num_edges, interval) - 1
-    return sum(1 for j in range(num_edges) if min(j * interval, last) <= tuning_epoch)
+    last = tuning_epochs(events, interval) - 1
+    return sum(1 for j in range(events) if min(j * interval, last) <= tuning_epoch)
 
 
-def open_edges(net: SearchNetwork) -> list[tuple[str, int]]:
-    """The (cell type, edge) pairs not projected yet, in a fixed order."""
-    projected = net.projected_edges()
-    return [(ct, e) for ct in net.space.cell_types for e in range(net.space.num_edges)
-            if e not in projected.get(ct, {})]
+def open_edges(net: SearchNetwork, cell_type: str) -> list[int]:
+    """The edges of `cell_type` not projected yet, in order."""
+    projected = net.projected_edges().get(cell_type, {})
+    return [e for e in range(net.space.num_edges) if e not in projected]
 
 
 @torch.no_grad()
@@ -68,6 +80,11 @@ def supernet_scores(net: SearchNetwork, pair: data.Pair, batch_size: int, device
     return correct / n, loss / n
 
 
+def _costliest(scores: list[dict]) -> int:
+    """The index of the removal that costs the most: lowest accuracy, then highest loss, then the first."""
+    return min(range(len(scores)), key=lambda i: (scores[i]["accuracy"], -scores[i]["loss"], i))
+
+
 def select_operation(net: SearchNetwork, cell_type: str, edge: int, pair: data.Pair, batch_size: int,
                      device: torch.device, autocast: Callable[[], Any] | None = None) -> tuple[int, list[dict]]:
     """The candidate of `edge` whose removal costs the supernet the most: the lowest validation accuracy
@@ -75,15 +92,33 @@ def select_operation(net: SearchNetwork, cell_type: str, edge: int, pair: data.P
     nothing, so it wins only where every other removal helps). Returns its index and each candidate's
     scores."""
     scores = []
-    for k, name in enumerate(net.space.ops):
+    for k in op_candidates(net.space):
         with net.without_candidate(cell_type, edge, k):
             acc, loss = supernet_scores(net, pair, batch_size, device, autocast)
-        scores.append({"op": name, "accuracy": acc, "loss": loss})
-    best = min(range(len(scores)), key=lambda k: (scores[k]["accuracy"], -scores[k]["loss"], k))
-    return best, scores
+        scores.append({"op": net.space.ops[k], "accuracy": acc, "loss": loss})
+    return net.space.ops.index(scores[_costliest(scores)]["op"]), scores
+
+
+def select_inputs(net: SearchNetwork, cell_type: str, node: int, pair: data.Pair, batch_size: int,
+                  device: torch.device, autocast: Callable[[], Any] | None = None) -> tuple[list[int], list[dict]]:
+    """The input edges `node` keeps (the space's inputs_per_node of them): while it has more, the edge whose
+    removal costs the supernet the least (the highest accuracy without it, then the lowest loss, then the
+    first) goes, as DARTS-PT's topology projection. Returns the edges to drop and the scores of each round."""
+    edges = [e for e in net.space.node_edges(node) if e not in net.dropped_edges().get(cell_type, ())]
+    dropped, rounds = [], []
+    while len(edges) > net.space.inputs_per_node:
+        scores = []
+        for e in edges:
+            with net.without_candidate(cell_type, e, None):
+                acc, loss = supernet_scores(net, pair, batch_size, device, autocast)
+            scores.append({"edge": e, "accuracy": acc, "loss": loss})
+        cheapest = max(range(len(scores)), key=lambda i: (scores[i]["accuracy"], -scores[i]["loss"], -i))
+        dropped.append(edges.pop(cheapest))
+        rounds.append(scores)
+    return dropped, rounds
 
 
 def projection_rng(seed: int, count: int) -> random.Random:
-    """The draw of the `count`-th projected edge (DARTS-PT picks the edge at random): seeded, and apart from
-    torch's RNG, so a run resumed anywhere draws the same edges."""
+    """The draws of the `count`-th projection (DARTS-PT picks the edge or node at random): seeded, and apart
+    from torch's RNG, so a run resumed anywhere draws the same edges."""
     return random.Random(seed * 1_000_003 + count)

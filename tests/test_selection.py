@@ -15,6 +15,7 @@ from supernet.mixing import AuxSkip, Dirichlet, RandomSmoothing, Softmax, _dense
 from supernet.search_config import SearchConfig
 from supernet.search_loop import Searcher
 from supernet.search_network import SearchNetwork, preserved_batchnorm
+from supernet.spaces import get_space
 
 PT = dict(method="darts", space="nb201", C=4, layers=1, epochs=2, batch_size=16, steps_per_epoch=2,
           max_train=TINY["max_train"], retrain_epochs=0, selection="perturbation", projection_interval=1)
@@ -35,7 +36,7 @@ def _network(mixing) -> SearchNetwork:
     return net
 
 
-def _forward(net: SearchNetwork, x: torch.Tensor, plans=None) -> torch.Tensor:
+def _forward(net, x: torch.Tensor, plans=None) -> torch.Tensor:
     with torch.no_grad(), preserved_batchnorm(net):
         return net(x) if plans is None else net.forward_plans(x, plans)
 
@@ -93,17 +94,21 @@ def test_projected_edges_pass_no_gradient_to_their_alphas():
 def test_projections_are_state_and_load_back():
     net = _network("softmax")
     net.project_edge("cell", 5, 1)
+    net.drop_edge("cell", 2)
     fresh = _network("softmax")
     fresh.load_state_dict(net.state_dict())
-    assert fresh.projected_edges() == {"cell": {5: 1}} and fresh.derive() == net.derive()
+    assert fresh.projected_edges() == {"cell": {5: 1}} and fresh.dropped_edges() == {"cell": {2}}
+    assert fresh.derive() == net.derive()
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda net: net.project_edge("cell", 6, 0), "edge 6 / op 0 out of range"),
-    (lambda net: net.project_edge("cell", 0, 5), "edge 0 / op 5 out of range"),
+    (lambda net: net.project_edge("cell", 6, 0), "edge 6 out of range: the nb201 cell has 6 edges"),
+    (lambda net: net.project_edge("cell", 0, 5), "op 5 out of range: an edge has 5 candidates"),
     (lambda net: net.project_edge("normal", 0, 1), "unknown cell type 'normal'"),
     (lambda net: (net.project_edge("cell", 0, 1), net.project_edge("cell", 0, 2)), "edge 0 of the cell cell is "
                                                                                    "projected already"),
+    (lambda net: (net.drop_edge("cell", 0), net.drop_edge("cell", 0)), "edge 0 of the cell cell is dropped already"),
+    (lambda net: (net.drop_edge("cell", 0), net.project_edge("cell", 0, 1)), "is dropped already"),
 ])
 def test_bad_projections_are_refused(call, message):
     with pytest.raises(ValueError, match=message):
@@ -114,6 +119,14 @@ def test_projection_needs_a_weighted_supernet():
     net = SearchNetwork("nb201", C=4, layers=1, num_classes=10, in_channels=1, mixing="gumbel")
     with pytest.raises(ValueError, match="projecting edges needs softmax-weighted or dirichlet mixing"):
         net.project_edge("cell", 0, 1)
+
+
+def test_projections_per_cell_type_are_its_edges_then_its_nodes_where_nodes_choose_inputs():
+    assert selection.projection_events(get_space("nb201")) == 6
+    assert selection.projection_events(get_space("darts")) == 14 + 4
+    assert [get_space("darts").ops[k] for k in selection.op_candidates(get_space("darts"))] == \
+        [op for op in get_space("darts").ops if op != "none"]  # a DARTS genotype never holds `none`
+    assert selection.op_candidates(get_space("nb201")) == [0, 1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("interval", [1, 2, 5])
@@ -171,12 +184,14 @@ def test_a_search_with_perturbation_selection_projects_every_edge_while_tuning(m
     assert genotype == searcher.net.derive()
     (tuning_lr,) = {lr for epoch, lr, _ in seen if epoch >= 2}
     assert tuning_lr == pytest.approx(config.w_lr / 10)
-    # the alphas of open edges still move while tuning; the schedules keep the last search epoch's values
+    # the alphas of open edges still move while tuning; the schedules stay where the search leaves them:
+    # DARTS-'s auxiliary skip gone, SDARTS-RS's noise bound at its full value
     first_tuning = [a for epoch, _, a in seen if epoch == 2]
     assert not torch.equal(first_tuning[0], first_tuning[-1])
-    for key in ("aux_skip", "sdarts_epsilon"):
+    for key, value in (("aux_skip", 0.0), ("sdarts_epsilon", config.sdarts_epsilon)):
         if key in records[1]:
-            assert {r[key] for r in records[2:]} == {records[1][key]}
+            assert 0 < records[1][key] != value
+            assert all(r[key] == pytest.approx(value) for r in records[2:])
 
 
 @pytest.mark.parametrize("interrupt_after, checkpoint_every, position", [
@@ -201,7 +216,6 @@ def test_perturbation_selection_resumes_bit_identically(interrupt_after, checkpo
     (dict(method="gdas"), "selection='perturbation' masks candidates of a weighted supernet; it works with "
                           r"\['darts', 'darts-2nd', 'drnas', 'beta-darts', 'darts-minus', 'sdarts'\], not 'gdas'"),
     (dict(method="spos"), "not 'spos'"),
-    (dict(space="darts", layers=2), "selection='perturbation' supports the nb201 space only"),
     (dict(method="drnas", drnas_progressive=True), "cannot follow drnas_progressive"),
     (dict(projection_interval=0), "projection_interval must be a positive integer"),
     (dict(selection="pt"), r"unknown selection 'pt'; expected one of \['argmax', 'perturbation'\]"),
@@ -223,3 +237,80 @@ def test_perturbation_selection_on_the_command_line_and_its_run_folder(tmp_path)
     assert run.network.projected_edges()["cell"] == {p["edge"]: run.network.space.ops.index(p["op"])
                                                      for p in results["projections"]}
     assert run.network.derive() == run.genotype
+
+
+# --- the DARTS space: op projection without `none`, then each node's two inputs --------------------------------
+def _darts_network() -> SearchNetwork:
+    torch.manual_seed(0)
+    net = SearchNetwork("darts", C=4, layers=2, num_classes=10, in_channels=1).double()
+    with torch.no_grad():
+        for ct in net.space.cell_types:
+            net.alphas(ct).normal_()
+    return net
+
+
+def test_a_projected_darts_supernet_whose_nodes_dropped_inputs_is_the_derived_cell():
+    net = _darts_network()
+    genotype = net.space.random_genotype(random.Random(5))
+    paths = net.space.to_paths(genotype)
+    rng = random.Random(0)
+    for ct in net.space.cell_types:
+        for e, k in enumerate(paths[ct]):  # chosen edges take the genotype's op, the others any op, then go
+            net.project_edge(ct, e, k if k is not None else rng.choice(selection.op_candidates(net.space)))
+        for e, k in enumerate(paths[ct]):
+            if k is None:
+                net.drop_edge(ct, e)
+    x = torch.randn(8, 1, 8, 8, dtype=torch.float64)
+    assert net.derive() == genotype
+    torch.testing.assert_close(_forward(net, x), _forward(net.subnet(genotype), x), rtol=1e-10, atol=1e-10)
+
+
+def test_leaving_a_whole_edge_out_zeroes_its_row_and_dropped_edges_stay_out():
+    net = _darts_network()
+    net.drop_edge("normal", 3)
+    x = torch.randn(8, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        plans = net.mixing.plan(net.space, net.architecture())
+    weights = {ct: _dense_weights(net, plan) for ct, plan in plans.items()}
+    weights["normal"][3] = 0.0
+    weights["reduce"][6] = 0.0
+    with net.without_candidate("reduce", 6, None):
+        ours = _forward(net, x)
+    reference = _forward(net, x, {ct: _dense_plan(net.space, w) for ct, w in weights.items()})
+    torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)
+    assert torch.all(net.edge_strengths()["normal"][3] == 0)
+
+
+def test_a_node_drops_the_inputs_whose_removal_costs_least_until_two_are_left(split):
+    net = _darts_network().float()
+    node = 5  # inputs 0..4: edges 9..13
+    dropped, rounds = selection.select_inputs(net, "normal", node, split.val, 32, torch.device("cpu"))
+    assert [len(r) for r in rounds] == [5, 4, 3] and len(dropped) == 3
+    left = list(net.space.node_edges(node))
+    for scores, edge in zip(rounds, dropped, strict=True):
+        assert [s["edge"] for s in scores] == left
+        cheapest = max(scores, key=lambda s: (s["accuracy"], -s["loss"]))
+        assert edge == cheapest["edge"]
+        left.remove(edge)
+    assert net.dropped_edges() == {}  # select_inputs only chooses; the searcher drops
+
+
+def test_a_darts_space_search_projects_every_op_then_every_node(split):
+    config = SearchConfig(**dict(PT, space="darts", layers=2, max_train=64, epochs=1, steps_per_epoch=1))
+    searcher = Searcher(config, split)
+    genotype = searcher.run()
+    space = searcher.net.space
+    assert config.total_epochs == 1 + 17
+    projections = searcher.history["projections"]
+    for ct in space.cell_types:
+        ops = [p for p in projections if p["cell_type"] == ct and "edge" in p]
+        nodes = [p for p in projections if p["cell_type"] == ct and "node" in p]
+        assert sorted(p["edge"] for p in ops) == list(range(14)) and all(p["op"] != "none" for p in ops)
+        assert sorted(p["node"] for p in nodes) == list(space.intermediate_nodes)
+        assert len(searcher.net.dropped_edges()[ct]) == 14 - 2 * 4
+        paths = space.to_paths(genotype)[ct]
+        for p in ops:  # a kept edge runs the op its projection chose
+            dropped = p["edge"] in searcher.net.dropped_edges()[ct]
+            assert (paths[p["edge"]] is None) == dropped
+            assert dropped or space.ops[paths[p["edge"]]] == p["op"]
+    assert genotype == searcher.net.derive()

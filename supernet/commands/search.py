@@ -67,10 +67,11 @@ HELP = {
                          "channels, the second on 1/2 with each edge pruned to its 3 strongest candidates; "
                          "--arch-warmup-epochs then counts per stage (default: 20%% of a stage, DrNAS's 10 of 50)",
     "selection": "how the architecture is read off the supernet: argmax (the space's rule on the alphas) or "
-                 "perturbation (DARTS-PT, nb201: after the search, each edge in turn is fixed to the candidate whose "
-                 "removal costs the supernet the most validation accuracy, with --projection-interval tuning epochs "
-                 "between two edges)",
-    "projection_interval": "selection perturbation: tuning epochs between two projected edges (DARTS-PT: 5)",
+                 "perturbation (DARTS-PT: after the search, each edge in turn is fixed to the candidate whose "
+                 "removal costs the supernet the most validation accuracy, then in the darts space each node keeps "
+                 "the two inputs whose removal costs the most; --projection-interval tuning epochs between two "
+                 "projections)",
+    "projection_interval": "selection perturbation: tuning epochs between two projections (DARTS-PT: 5)",
     "hessian_every": "every N epochs, record the dominant eigenvalue of the validation-loss Hessian w.r.t. the "
                      "alphas (power iteration on one validation batch; 0: never)",
     "checkpoint_every": "also checkpoint every N steps inside an epoch (0: at epoch ends only)",

@@ -37,6 +37,7 @@ class CellSpace(ABC):
     cell_types: tuple[str, ...]
     num_input_nodes: int
     num_nodes: int  # intermediate nodes
+    inputs_per_node: int | None = None  # the inputs a derived node keeps (DARTS: 2); None: every edge stays
     pool_batchnorm: bool  # search networks append a non-affine BN to pools
     # The network skeleton around the cells:
     stem_multiplier: int  # the stem outputs stem_multiplier * C channels
