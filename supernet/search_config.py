@@ -164,8 +164,8 @@ class SearchConfig:
         if self.precision == "fp16" and m.arch_order == 2:
             raise ValueError("precision fp16 is not supported with darts-2nd (its finite-difference step would "
                              "need unscaled gradients); use bf16 or fp32")
-        for name in ("C", "layers", "epochs", "batch_size", "micro_batches", "retrain_C", "retrain_layers", "retrain_batch_size",
-                     "partial_k", "spos_candidates", "projection_interval"):
+        for name in ("C", "layers", "epochs", "batch_size", "micro_batches", "retrain_C", "retrain_layers",
+                     "retrain_batch_size", "partial_k", "spos_candidates", "projection_interval"):
             checks.integer(name, getattr(self, name))
         for name in ("retrain_epochs", "checkpoint_every", "seed", "hessian_every"):
             checks.integer(name, getattr(self, name), minimum=0)

@@ -329,8 +329,8 @@ class Searcher:
         self._check_loss(loss, "validation (architecture)")
         regulariser = self.config.regulariser
         if regulariser is not None:
-            reg_grads, term = architect.regulariser_gradient(self.net, regulariser, self.regulariser_weight(self.schedule_epoch),
-                                                             ctx=self.ctx)
+            weight = self.regulariser_weight(self.schedule_epoch)
+            reg_grads, term = architect.regulariser_gradient(self.net, regulariser, weight, ctx=self.ctx)
             self._check_loss(term, f"{regulariser} regulariser")
             grads = [g + r for g, r in zip(grads, reg_grads, strict=True)]
         for p, g in zip(arch, grads, strict=True):
@@ -380,7 +380,8 @@ class Searcher:
         """One search step on a global batch: an architecture step (once warm-up is over) and a weight step."""
         if self.model is not self.net and self.compile_seconds is None:
             began = time.perf_counter()
-        update_alphas = self.learns_alphas and (self.tuning or self.stage(self.epoch)[1] >= self.config.arch_warmup_epochs)
+        warm = self.tuning or self.stage(self.epoch)[1] >= self.config.arch_warmup_epochs
+        update_alphas = self.learns_alphas and warm
         n = len(train[1])
         train, val = self.local_batches(train), self.local_batches(val)
         if update_alphas and self.config.method_spec.arch_first:
