@@ -46,6 +46,17 @@ def whole_and_resumed(config, split, tmp_path, interrupt_after):
     return whole, resumed
 
 
+def assert_same_end(resumed, whole):
+    """A resumed run ended where the whole run did: weights, alphas and buffers, the weights' momentum, the
+    genotype and the history."""
+    for (name, a), b in zip(resumed.net.state_dict().items(), whole.net.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    for p, q in zip(resumed.w_opt.state.values(), whole.w_opt.state.values(), strict=True):
+        assert torch.equal(p["momentum_buffer"], q["momentum_buffer"])
+    assert resumed.genotype == whole.genotype
+    assert resumed.history == whole.history
+
+
 def test_the_weights_step_is_torchs_sgd_up_to_rounding():
     """The search loop's fused SGD (momentum, weight decay) moves the weights as torch's per-tensor SGD does,
     also for a weight that gets its first gradient steps after the others (an op GDAS had not sampled yet)."""

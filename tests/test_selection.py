@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from test_search import TINY, whole_and_resumed
+from test_search import TINY, assert_same_end, whole_and_resumed
 
 import supernet
 from supernet import cli, data, selection
@@ -204,12 +204,7 @@ def test_perturbation_selection_resumes_bit_identically(interrupt_after, checkpo
     whole, resumed = whole_and_resumed(config, split, tmp_path, interrupt_after)
     assert (resumed.epoch, resumed.step) == position
     resumed.run()
-    for (name, a), b in zip(resumed.net.state_dict().items(), whole.net.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
-    for p, q in zip(resumed.w_opt.state.values(), whole.w_opt.state.values(), strict=True):
-        assert torch.equal(p["momentum_buffer"], q["momentum_buffer"])
-    assert resumed.genotype == whole.genotype
-    assert resumed.history == whole.history
+    assert_same_end(resumed, whole)
 
 
 @pytest.mark.parametrize("options, message", [
