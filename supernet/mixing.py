@@ -49,6 +49,8 @@ class MixingRule:
     anneals_temperature = False  # the instance has a settable `.tau` that a schedule anneals
     channel_divisor = 1  # PC-DARTS runs candidates on 1/K of the channels
     decays_aux_skip = False  # the instance has a settable `.beta` (DARTS- auxiliary skip) that a schedule decays
+    weights_every_candidate = False  # plans run every candidate with a weight, so perturbation-based selection
+    #                                  can fix edges and leave candidates out (mixing.projected_plan)
     smooths_weight_step = False  # the instance has a settable `.epsilon` (SDARTS-RS noise) that a schedule grows,
     #                              and `perturbing()`, inside which forwards mix with perturbed weights
 
@@ -131,6 +133,7 @@ class Softmax(MixingRule):
 
     name = "softmax"
     differentiable = True
+    weights_every_candidate = True
 
     def plan(self, space, arch):
         return {ct: _dense_plan(space, self.mixing_weights(space, arch["alphas"][ct])) for ct in space.cell_types}
@@ -367,6 +370,7 @@ class Dirichlet(MixingRule):
 
     name = "dirichlet"
     differentiable = False  # a sample per forward
+    weights_every_candidate = True
 
     def __init__(self, channel_divisor: int = 1) -> None:
         self.sample: bool | None = None

@@ -18,7 +18,6 @@ SDARTS_EPSILON_START = 0.03  # SDARTS-RS's noise bound in the first epoch (its c
 DRNAS_STAGES = ((4, 5), (2, 3))
 DRNAS_STAGE_WARMUP = 0.2  # weight-only share of each stage (its code: the first 10 of each 50 epochs)
 SELECTIONS = ("argmax", "perturbation")
-PROJECTABLE_MIXING = ("softmax", "aux-skip", "random-smoothing", "dirichlet")  # every candidate weighted
 
 
 @dataclass(frozen=True)
@@ -48,6 +47,11 @@ class Method:
     def decays_aux_skip(self) -> bool:
         """Whether the mixing rule has an auxiliary skip weight the search decays (DARTS-)."""
         return MIXING.get(self.mixing).decays_aux_skip
+
+    @property
+    def projectable(self) -> bool:
+        """Whether perturbation-based selection applies: alphas learned, every candidate run with a weight."""
+        return self.learns_alphas and MIXING.get(self.mixing).weights_every_candidate
 
     @property
     def smooths_weight_step(self) -> bool:
@@ -235,9 +239,8 @@ class SearchConfig:
         checks.choice("selection", self.selection, SELECTIONS)
         if self.selection != "perturbation":
             return
-        mixing = self.method_spec.mixing
-        if not self.method_spec.learns_alphas or mixing not in PROJECTABLE_MIXING:
-            usable = [k for k, m in METHODS.items() if m.learns_alphas and m.mixing in PROJECTABLE_MIXING]
+        if not self.method_spec.projectable:
+            usable = [k for k, m in METHODS.items() if m.projectable]
             raise ValueError(f"selection='perturbation' masks candidates of a weighted supernet; it works with "
                              f"{usable}, not {self.method!r}")
         if self.drnas_progressive:

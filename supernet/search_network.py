@@ -12,7 +12,7 @@ from torch import nn
 
 from . import batched_cell, dispatch
 from .checks import images, integer
-from .mixing import CellPlan, Dirichlet, Fixed, MixingRule, Sample, Softmax, channel_shuffle, make_mixing, projected_plan
+from .mixing import CellPlan, Dirichlet, Fixed, MixingRule, Sample, channel_shuffle, make_mixing, projected_plan
 from .ops import FactorizedReduce, ReLUConvBN, build_op
 from .spaces import CellSpace, get_space
 
@@ -225,7 +225,7 @@ class SearchNetwork(nn.Module):
         return self._buffers[name]
 
     def _check_edge(self, cell_type: str, edge: int, projecting: bool) -> None:
-        if not isinstance(self.mixing, (Softmax, Dirichlet)) or self.mixing.channel_divisor > 1:
+        if not self.mixing.weights_every_candidate or self.mixing.channel_divisor > 1:
             raise ValueError(f"projecting edges needs softmax-weighted or dirichlet mixing on all channels, not "
                              f"{self.mixing!r}")
         if cell_type not in self.space.cell_types:

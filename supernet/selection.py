@@ -80,23 +80,19 @@ def supernet_scores(net: SearchNetwork, pair: data.Pair, batch_size: int, device
     return correct / n, loss / n
 
 
-def _costliest(scores: list[dict]) -> int:
-    """The index of the removal that costs the most: lowest accuracy, then highest loss, then the first."""
-    return min(range(len(scores)), key=lambda i: (scores[i]["accuracy"], -scores[i]["loss"], i))
-
-
 def select_operation(net: SearchNetwork, cell_type: str, edge: int, pair: data.Pair, batch_size: int,
                      device: torch.device, autocast: Callable[[], Any] | None = None) -> tuple[int, list[dict]]:
     """The candidate of `edge` whose removal costs the supernet the most: the lowest validation accuracy
     without it, then the highest loss, then the first in the space's order (`none`'s removal changes
     nothing, so it wins only where every other removal helps). Returns its index and each candidate's
     scores."""
-    scores = []
-    for k in op_candidates(net.space):
+    candidates, scores = op_candidates(net.space), []
+    for k in candidates:
         with net.without_candidate(cell_type, edge, k):
             acc, loss = supernet_scores(net, pair, batch_size, device, autocast)
         scores.append({"op": net.space.ops[k], "accuracy": acc, "loss": loss})
-    return net.space.ops.index(scores[_costliest(scores)]["op"]), scores
+    costliest = min(range(len(scores)), key=lambda i: (scores[i]["accuracy"], -scores[i]["loss"], i))
+    return candidates[costliest], scores
 
 
 def select_inputs(net: SearchNetwork, cell_type: str, node: int, pair: data.Pair, batch_size: int,
