@@ -35,7 +35,7 @@ class DecisionSpace:
     def __init__(self, space: "str | CellSpace") -> None:
         self.space = get_space(space)
         space = self.space
-        self.inputs_per_node = getattr(space, "inputs_per_node", None)
+        self.inputs_per_node = space.inputs_per_node
         none = space.ops.index("none") if "none" in space.ops else None
         self.all_ops = tuple(range(len(space.ops)))
         self.real_ops = tuple(k for k in self.all_ops if k != none)

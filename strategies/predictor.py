@@ -53,7 +53,7 @@ class PathEncoder:
         self.real = [k for k in range(len(space.ops)) if k != self.none]
         self.n_ops = len(space.ops)
         self.onehot_size = len(space.cell_types) * space.num_edges * self.n_ops
-        all_inputs = getattr(space, "inputs_per_node", None) is None
+        all_inputs = space.inputs_per_node is None
         first = space.num_input_nodes
         last = first + space.num_nodes - 1
         sinks = [last] if all_inputs else list(range(first, last + 1))
@@ -326,8 +326,7 @@ class Bananas(WarmStarted, Strategy):
         """Every cell one op change away (on an edge the cell uses; never to `none` where a used edge
         cannot carry it), in a fixed order."""
         paths = self.space.to_paths(genotype)
-        ops = self.encoder.real if getattr(self.space, "inputs_per_node", None) is not None else \
-            range(len(self.space.ops))
+        ops = self.encoder.real if self.space.inputs_per_node is not None else range(len(self.space.ops))
         out = []
         for ct in self.space.cell_types:
             for e, k in enumerate(paths[ct]):

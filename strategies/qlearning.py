@@ -76,7 +76,7 @@ class QLearning(Strategy):
         self.epsilon_start, self.epsilon_end, self.explore_fraction = epsilon_start, epsilon_end, explore_fraction
         self.replay_size, self.q_init, self.episode_length = replay, float(q_init), episode_length
         # Picked edges (DARTS) never carry `none`; where every edge is present, `none` removes one.
-        picks_inputs = getattr(self.space, "inputs_per_node", None) is not None
+        picks_inputs = self.space.inputs_per_node is not None
         self.edge_ops = tuple(k for k, op in enumerate(self.space.ops) if not (picks_inputs and op == "none"))
         self.q: dict[tuple[Hashable, Hashable], float] = {}
         self.memory: list[Transition] = []
