@@ -217,12 +217,18 @@ class SearchNetwork(nn.Module):
             return strengths
 
     # --- perturbation-based selection (DARTS-PT): projected and dropped edges, a candidate left out ------
-    def _selection_buffer(self, kind: str, cell_type: str, fill: int | bool) -> torch.Tensor:
-        """The (edges,) buffer `<kind>_<cell type>` (made on first use, so a state_dict holds it)."""
-        name = f"{kind}_{cell_type}"
+    def _state_buffer(self, name: str, initial: torch.Tensor) -> torch.Tensor:
+        """The buffer `name`, registered as `initial` on the alphas' device on first use: architecture state that
+        only some searches make (DrNAS's pruning and widening, DARTS-PT's projections), held by the state_dict."""
         if name not in self._buffers:
-            self.register_buffer(name, torch.full((self.space.num_edges,), fill, device=self.alphas(cell_type).device))
+            self.register_buffer(name, initial.to(self.alphas(self.space.cell_types[0]).device))
         return self._buffers[name]
+
+    def _selection_buffer(self, kind: str, cell_type: str) -> torch.Tensor:
+        """The (edges,) buffer `projected_<cell type>` (op per edge, -1: open) or `dropped_<cell type>` (bool)."""
+        initial = torch.full((self.space.num_edges,), -1) if kind == "projected" else \
+            torch.zeros(self.space.num_edges, dtype=torch.bool)
+        return self._state_buffer(f"{kind}_{cell_type}", initial)
 
     def _check_edge(self, cell_type: str, edge: int, projecting: bool) -> None:
         if not self.mixing.weights_every_candidate or self.mixing.channel_divisor > 1:
@@ -243,13 +249,13 @@ class SearchNetwork(nn.Module):
         self._check_edge(cell_type, edge, projecting=True)
         if not 0 <= op < len(self.space.ops):
             raise ValueError(f"op {op} out of range: an edge has {len(self.space.ops)} candidates")
-        self._selection_buffer("projected", cell_type, -1)[edge] = op
+        self._selection_buffer("projected", cell_type)[edge] = op
 
     def drop_edge(self, cell_type: str, edge: int) -> None:
         """Removes `edge` of `cell_type` (projected or not) from the cell, its node keeping its other inputs: it
         runs nothing from now on, and derivation never takes it. Kept in the bool buffer `dropped_<cell type>`."""
         self._check_edge(cell_type, edge, projecting=False)
-        self._selection_buffer("dropped", cell_type, False)[edge] = True
+        self._selection_buffer("dropped", cell_type)[edge] = True
 
     def projected_edges(self) -> dict[str, dict[int, int]]:
         """Per cell type with projections, {edge: op} of its projected edges."""
@@ -289,11 +295,7 @@ class SearchNetwork(nn.Module):
                 raise ValueError(f"kept candidates of {ct!r} must be a {shape} bool mask with at least one "
                                  f"candidate per edge, got {mask.dtype} {tuple(mask.shape)}")
             masks[ct] = mask
-            name = f"kept_{ct}"
-            if name in self._buffers:
-                self._buffers[name].copy_(mask)
-            else:
-                self.register_buffer(name, mask.to(self.alphas(ct).device))
+            self._state_buffer(f"kept_{ct}", mask).copy_(mask)
         self.mixing.kept = masks
 
     def prune_candidates(self, num_keep: int) -> dict[str, torch.Tensor]:
@@ -354,10 +356,7 @@ class SearchNetwork(nn.Module):
                         m.num_features = m.num_features * old // k
             edge.channel_divisor = k
         self.mixing.channel_divisor = k
-        if "channel_divisor" in self._buffers:
-            self._buffers["channel_divisor"].fill_(k)
-        else:
-            self.register_buffer("channel_divisor", torch.tensor(k, device=self.alphas(self.space.cell_types[0]).device))
+        self._state_buffer("channel_divisor", torch.tensor(k)).fill_(k)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """torch's, after taking on the structure a progressive DrNAS state holds (pruned candidates, wider
@@ -369,9 +368,9 @@ class SearchNetwork(nn.Module):
             with torch.random.fork_rng(devices=[]):  # the widening's draws are overwritten: leave the RNG be
                 self.widen_partial_channels(int(state_dict["channel_divisor"]))
         for ct in self.space.cell_types:  # projected and dropped edges (perturbation-based selection)
-            for kind, fill in (("projected", -1), ("dropped", False)):
+            for kind in ("projected", "dropped"):
                 if f"{kind}_{ct}" in state_dict:
-                    self._selection_buffer(kind, ct, fill)
+                    self._selection_buffer(kind, ct)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def derive(self) -> Any:
