@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from supernet.search_config import SELECTIONS
+
 METHODS = ["darts", "drnas", "beta-darts", "darts-minus", "sdarts", "gdas"]
 
 
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drnas-progressive", action="store_true",
                         help="drnas runs DrNAS's progressive search (k=4, then k=2 with 3 candidates per edge, "
                         "each stage half the epochs); --arch-warmup-epochs then counts per stage")
-    parser.add_argument("--selection", default="argmax", choices=["argmax", "perturbation"],
+    parser.add_argument("--selection", default="argmax", choices=SELECTIONS,
                         help="how the cell is read off the supernet (perturbation: DARTS-PT, after the search)")
     parser.add_argument("--projection-interval", type=int, default=5,
                         help="perturbation: tuning epochs between two projected edges (DARTS-PT: 5)")
