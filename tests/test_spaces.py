@@ -1,6 +1,8 @@
+import itertools
 import random
 import time
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -91,6 +93,39 @@ def test_mutation_changes_exactly_one_edge(space):
         assert child != g and changed in (1, 2)  # an op change is 1 edge; moving an input is 2
         if space is NB201:
             assert changed == 1
+
+
+def test_nb201_cells_share_a_signature_exactly_when_they_compute_the_same_function():
+    # Every cell evaluated on one input, each op a fixed nonlinear map with f(0) = 0 (a convolution of
+    # zeros counts as zero), identity for skip_connect, zero for none: two cells compute the same function
+    # exactly when they get the same value, which must be when their signatures match.
+    rng = np.random.default_rng(0)
+    maps = {op: rng.normal(size=(8, 8)) for op in NB201_OPS if op not in ("none", "skip_connect")}
+
+    def apply(op, v):
+        return np.zeros_like(v) if op == "none" else v if op == "skip_connect" else np.tanh(maps[op] @ v)
+
+    x = rng.normal(size=8)
+    by_value, by_signature = {}, {}
+    for k, path in enumerate(itertools.product(range(len(NB201_OPS)), repeat=NB201.num_edges)):
+        genotype = NB201.from_paths({"cell": path})
+        nodes = [x]
+        for node in range(1, 4):
+            nodes.append(sum(apply(NB201_OPS[path[e]], nodes[NB201.edges[e][1]]) for e in NB201.node_edges(node)))
+        by_value.setdefault(tuple(np.round(nodes[3], 9)), set()).add(k)
+        by_signature.setdefault(NB201.signature(genotype), set()).add(k)
+    assert sorted(map(sorted, by_value.values())) == sorted(map(sorted, by_signature.values()))
+    assert len(by_signature) < 15_625  # unused edges and skips do make cells equivalent
+
+
+def test_darts_signature_ignores_the_order_of_a_nodes_inputs_only():
+    g = DARTS_GENOTYPES["DARTS_V2"]
+    swapped = g._replace(normal=[g.normal[1], g.normal[0]] + list(g.normal[2:]))
+    assert swapped != g and DARTS.signature(swapped) == DARTS.signature(g)
+    rng = random.Random(2)
+    for _ in range(20):
+        child = DARTS.mutate(g, rng)
+        assert DARTS.signature(child) != DARTS.signature(g)
 
 
 # --- derivation -----------------------------------------------------------------------------------

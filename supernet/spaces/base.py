@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +122,13 @@ class CellSpace(ABC):
     @abstractmethod
     def from_paths(self, paths: Mapping[str, Sequence[int | None]]) -> Any:
         """Inverse of `to_paths`."""
+
+    def signature(self, genotype: Any) -> Hashable:
+        """A key that genotypes building the same cells share: by default their edge form (per cell type, the
+        op of each edge), so the order a genotype lists a node's inputs in does not matter. Spaces that
+        know more equivalences (NAS-Bench-201's unused edges and identity ops) override it."""
+        paths = self.to_paths(genotype)
+        return tuple(paths[cell_type] for cell_type in self.cell_types)
 
     @abstractmethod
     def random_genotype(self, rng: random.Random) -> Any:
