@@ -17,12 +17,19 @@ a deterministic function of (seed, config, history) and `restore` resumes exactl
 Optional zero-cost warm start (`warm_start="synflow"` etc., `strategies.warm_start`): the first `initial`
 cells are the best, by the proxy, of a seeded random pool of `warm_pool` cells, instead of random ones;
 the proxy's wall time is kept in `proxy_seconds` (reported, never counted as an evaluation).
+
+A cell that computes the same function as one already evaluated (the same `CellSpace.signature`: in
+NAS-Bench-201 its 15,625 cells are 4,930 functions) is never evaluated again (`skip_equivalent=False`
+evaluates every distinct arch string): on the 12-epoch table at 100 evaluations, tuning seeds 1000-1299,
+that raised the chosen cell's mean `cifar10-test` from 88.83 to 88.91 (the best cell found on 251 seeds
+instead of 230).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Hashable
 from typing import Any
 
 import numpy as np
@@ -172,15 +179,16 @@ class MLPEnsemble:
 
 
 class AllCells:
-    """Every cell of a small space, in `DecisionSpace` order, with its arch string and features; built once
-    per process and space (1.4 s for NB201's 15,625 cells, one busy core) and shared by every search."""
+    """Every cell of a small space, in `DecisionSpace` order, with its arch string, signature and features;
+    built once per process and space (0.6 s for NB201's 15,625 cells, one idle core) and shared by every
+    search."""
 
     _built: dict[tuple, "AllCells | None"] = {}
 
     def __init__(self, space, genotypes: list[Any], encoder: PathEncoder) -> None:
         self.genotypes = genotypes
         self.archs = [space.format(g) for g in genotypes]
-        self.index = {arch: i for i, arch in enumerate(self.archs)}
+        self.signatures = [space.signature(g) for g in genotypes]
         self.features = np.stack([encoder(g) for g in genotypes])
 
     @classmethod
@@ -199,7 +207,8 @@ class Bananas(WarmStarted, Strategy):
     ensemble fitted on every trial so far scores the candidates: every unseen cell of a small space (see
     the module docstring); in a larger one every one-op neighbour of the `neighbourhood` best trials,
     `mutants` chains of 1 to `max_edits` mutations of each of the `parents` best trials, and
-    `random_candidates` random cells, all unseen. Of the `batch` cells evaluated next, up to
+    `random_candidates` random cells, all unseen (with `skip_equivalent`, no cell computes the same function
+    as an evaluated one). Of the `batch` cells evaluated next, up to
     `local_search` are the best trial's unseen neighbours with the highest predicted mean, the rest the
     best by acquisition (`its`: independent Thompson sampling from the ensemble's mean and spread; `ucb`:
     mean + `beta` * spread; `mean`: greedy). Rewards below their `floor_quantile` quantile are raised to
@@ -214,8 +223,8 @@ class Bananas(WarmStarted, Strategy):
                  parents: int = 10, neighbourhood: int = 5, mutants: int = 20, max_edits: int = 2,
                  random_candidates: int = 500, local_search: int = 5, members: int = 5, width: int = 32,
                  epochs: int = 200, refit_epochs: int = 25, acquisition: str = "its", beta: float = 0.5,
-                 floor_quantile: float = 0.5, warm_start: str | None = None, warm_pool: int = 100,
-                 proxy_options: dict | None = None) -> None:
+                 floor_quantile: float = 0.5, skip_equivalent: bool = True, warm_start: str | None = None,
+                 warm_pool: int = 100, proxy_options: dict | None = None) -> None:
         super().__init__(space, budget, seed)
         for key, value, low in (("initial", initial, 1), ("batch", batch, 1), ("parents", parents, 1),
                                 ("neighbourhood", neighbourhood, 0), ("mutants", mutants, 0), ("max_edits", max_edits, 1),
@@ -243,6 +252,9 @@ class Bananas(WarmStarted, Strategy):
                 not 0 <= floor_quantile < 1:
             raise ValueError(f"floor_quantile must be in [0, 1), got {floor_quantile!r}")
         self.floor_quantile = float(floor_quantile)
+        if not isinstance(skip_equivalent, bool):
+            raise ValueError(f"skip_equivalent must be true or false, got {skip_equivalent!r}")
+        self.skip_equivalent = skip_equivalent
         self._set_warm_start(warm_start, warm_pool, proxy_options)
         self.encoder = PathEncoder(self.space)
         self.all_cells = AllCells.of(self.space, self.encoder)
@@ -250,7 +262,8 @@ class Bananas(WarmStarted, Strategy):
         self.queue: list[Any] = []
         self.features: list[np.ndarray] = []
         self.rewards: list[float] = []
-        self.seen: set[str] = set()
+        self.seen: set[Hashable] = set()  # the `_key` of every evaluated cell
+        self.evaluated: set[str] = set()  # the arch string of every evaluated cell
         self.model: MLPEnsemble | None = None
         self.fits = 0
 
@@ -261,16 +274,19 @@ class Bananas(WarmStarted, Strategy):
                 "members": self.members, "width": self.width, "epochs": self.epochs,
                 "refit_epochs": self.refit_epochs,
                 "acquisition": self.acquisition, "beta": self.beta,
-                "floor_quantile": self.floor_quantile, **self.warm_config()}
+                "floor_quantile": self.floor_quantile, "skip_equivalent": self.skip_equivalent,
+                **self.warm_config()}
 
     # --- proposals ------------------------------------------------------------------------------
     def _propose(self) -> Any:
         while self.queue:
             genotype = self.queue.pop(0)
-            if self.space.format(genotype) not in self.seen:
+            if self.space.format(genotype) not in self.evaluated:
                 return genotype
         if len(self.history) < self.initial:
             warm = self.warm_cell(self.initial)
+            while warm is not None and self._key(warm) in self.seen:
+                warm = self.warm_cell(self.initial)
             return warm if warm is not None else self._random_unseen()
         self.queue = self._acquire()
         if not self.queue:  # the space is (nearly) exhausted: fall back to any unseen random cell
@@ -278,35 +294,48 @@ class Bananas(WarmStarted, Strategy):
         return self.queue.pop(0)
 
     def _random_unseen(self) -> Any:
-        genotype = None
+        """A random cell unlike any evaluated one; failing that (a nearly exhausted space), a random cell not
+        evaluated itself."""
+        genotype, fallback = None, None
         for _ in range(MAX_CANDIDATE_DRAWS * 5):
             genotype = self.space.random_genotype(self.rng)
-            if self.space.format(genotype) not in self.seen:
+            if self._key(genotype) not in self.seen:
                 return genotype
-        return genotype
+            if fallback is None and self.space.format(genotype) not in self.evaluated:
+                fallback = genotype
+        return fallback if fallback is not None else genotype
 
-    def _candidates(self) -> tuple[list[str], list[Any], np.ndarray]:
-        """Unseen candidate cells (arch strings, genotypes, features), in a fixed order: every unseen cell
-        of a small space, else sampled ones."""
+    def _fresh(self, archs: list[str], keys: list[Hashable]) -> list[int]:
+        """Indices of the cells unlike any evaluated one; once there are none (a nearly exhausted space),
+        of the cells not evaluated themselves."""
+        fresh = [i for i, key in enumerate(keys) if key not in self.seen]
+        return fresh or [i for i, arch in enumerate(archs) if arch not in self.evaluated]
+
+    def _candidates(self) -> tuple[list[str], list[Any], list[Hashable], np.ndarray]:
+        """Candidate cells (arch strings, genotypes, keys, features) in a fixed order: every fresh cell of a
+        small space (`_fresh`), else sampled ones."""
         every = self.all_cells
         if every is not None:
-            unseen = np.ones(len(every.archs), dtype=bool)
-            unseen[[every.index[arch] for arch in self.seen]] = False
-            keep = np.flatnonzero(unseen)
-            return [every.archs[i] for i in keep], [every.genotypes[i] for i in keep], every.features[keep]
+            keys = every.signatures if self.skip_equivalent else every.archs
+            keep = self._fresh(every.archs, keys)
+            return ([every.archs[i] for i in keep], [every.genotypes[i] for i in keep], [keys[i] for i in keep],
+                    every.features[keep])
         sampled = self._sampled_candidates()
-        x = np.stack([self._encode(a, g) for a, g in sampled.items()]) if sampled else np.zeros((0, self.encoder.size))
-        return list(sampled), list(sampled.values()), x
+        archs, genotypes = list(sampled), list(sampled.values())
+        keep = self._fresh(archs, [self._key(g) for g in genotypes])
+        archs, genotypes = [archs[i] for i in keep], [genotypes[i] for i in keep]
+        x = np.stack([self._encode(a, g) for a, g in zip(archs, genotypes)]) if archs else np.zeros((0, self.encoder.size))
+        return archs, genotypes, [self._key(g) for g in genotypes], x
 
     def _sampled_candidates(self) -> dict[str, Any]:
-        """Unseen candidate cells, arch -> genotype, in the order they were generated."""
+        """Cells not evaluated, arch -> genotype, in the order they were generated."""
         order = sorted(range(len(self.history)), key=lambda i: (-self.history[i].reward, i))
         parents = [self.space.parse(self.history[i].arch) for i in order[:self.parents]]
         out: dict[str, Any] = {}
 
         def add(genotype: Any) -> None:
             arch = self.space.format(genotype)
-            if arch not in self.seen and arch not in out:
+            if arch not in self.evaluated and arch not in out:
                 out[arch] = genotype
 
         for parent in parents[:self.neighbourhood]:
@@ -343,7 +372,7 @@ class Bananas(WarmStarted, Strategy):
         return out
 
     def _acquire(self) -> list[Any]:
-        archs, genotypes, candidates = self._candidates()
+        archs, genotypes, keys, candidates = self._candidates()
         if not archs:
             return []
         x = np.stack(self.features)
@@ -372,9 +401,18 @@ class Bananas(WarmStarted, Strategy):
             near = {self.space.format(g) for g in self._neighbours(incumbent)}
             local = [i for i, arch in enumerate(archs) if arch in near]
             picks = sorted(local, key=lambda i: (-mean[i], i))[:self.local_search]
-        taken = set(picks)
-        order = [int(i) for i in np.argsort(-score, kind="stable")[:self.batch + len(picks)] if i not in taken]
-        return [genotypes[i] for i in (picks + order)[:self.batch]]
+        batch, taken = [], set()  # one cell per key: equivalent cells would be evaluated twice
+        for i in itertools.chain(picks, np.argsort(-score, kind="stable")):
+            if keys[i] not in taken:
+                taken.add(keys[i])
+                batch.append(genotypes[i])
+                if len(batch) == self.batch:
+                    break
+        return batch
+
+    def _key(self, genotype: Any) -> Hashable:
+        """What `seen` holds of a cell: its signature, or with `skip_equivalent=False` its arch string."""
+        return self.space.signature(genotype) if self.skip_equivalent else self.space.format(genotype)
 
     def _encode(self, arch: str, genotype: Any) -> np.ndarray:
         if arch not in self._codes:
@@ -383,6 +421,7 @@ class Bananas(WarmStarted, Strategy):
 
     def _observe(self, genotype: Any, reward: float) -> None:
         arch = self.space.format(genotype)
-        self.seen.add(arch)
+        self.evaluated.add(arch)
+        self.seen.add(self._key(genotype))
         self.features.append(self._encode(arch, genotype))
         self.rewards.append(reward)
