@@ -322,10 +322,11 @@ class Bananas(WarmStarted, Strategy):
                     every.features[keep])
         sampled = self._sampled_candidates()
         archs, genotypes = list(sampled), list(sampled.values())
-        keep = self._fresh(archs, [self._key(g) for g in genotypes])
-        archs, genotypes = [archs[i] for i in keep], [genotypes[i] for i in keep]
+        keys = [self._key(g) for g in genotypes]
+        keep = self._fresh(archs, keys)
+        archs, genotypes, keys = ([values[i] for i in keep] for values in (archs, genotypes, keys))
         x = np.stack([self._encode(a, g) for a, g in zip(archs, genotypes)]) if archs else np.zeros((0, self.encoder.size))
-        return archs, genotypes, [self._key(g) for g in genotypes], x
+        return archs, genotypes, keys, x
 
     def _sampled_candidates(self) -> dict[str, Any]:
         """Cells not evaluated, arch -> genotype, in the order they were generated."""
