@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from supernet.search_config import SELECTIONS
+from supernet.selection import CRITERIA
 
 METHODS = ["darts", "drnas", "beta-darts", "darts-minus", "sdarts", "gdas"]
 
@@ -79,12 +80,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="how the cell is read off the supernet (perturbation: DARTS-PT, after the search)")
     parser.add_argument("--projection-interval", type=int, default=5,
                         help="perturbation: tuning epochs between two projected edges (DARTS-PT: 5)")
+    parser.add_argument("--projection-criterion", default="accuracy", choices=CRITERIA,
+                        help="perturbation: what a removal costs, the validation accuracy lost or loss gained")
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
     options = dict(C=args.C, layers=args.layers, epochs=args.epochs, batch_size=args.batch_size,
                    dataset=args.dataset, data_dir=args.data_dir, selection=args.selection)
     if args.selection == "perturbation":
         options["projection_interval"] = args.projection_interval
+        options["projection_criterion"] = args.projection_criterion
     for name in ("a_lr", "arch_warmup_epochs", "sdarts_epsilon"):  # unset: each method's own value
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)

@@ -143,6 +143,8 @@ class SearchConfig:
     #                            are fixed one at a time to the candidate whose removal costs the most validation
     #                            accuracy, then nodes to their inputs (darts), the supernet tuned in between)
     projection_interval: int = 5  # perturbation: tuning epochs between two projections (DARTS-PT's proj_intv)
+    projection_criterion: str = "accuracy"  # perturbation: what a removal costs, selection.CRITERIA (DARTS-PT's
+    #                                         proj_crit): validation 'accuracy' lost, or 'loss' gained
     hessian_every: int = 0  # every N epochs, the dominant eigenvalue of the alpha Hessian (0: never)
     checkpoint_every: int = 0  # steps between checkpoints inside an epoch (0: at the end of each epoch only)
     retrain_epochs: int = 6  # retraining of the derived and a random architecture (0: skip)
@@ -237,6 +239,7 @@ class SearchConfig:
 
     def _check_selection(self) -> None:
         checks.choice("selection", self.selection, SELECTIONS)
+        checks.choice("projection_criterion", self.projection_criterion, selection.CRITERIA)
         if self.selection != "perturbation":
             return
         if not self.method_spec.projectable:

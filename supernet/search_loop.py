@@ -431,7 +431,8 @@ class Searcher:
                 record: dict[str, Any] = {"epoch": self.epoch + 1, "cell_type": ct}
                 if count < space.num_edges:  # an edge's op
                     edge = rng.choice(selection.open_edges(self.net, ct))
-                    op, scores = selection.select_operation(self.net, ct, edge, *scoring)
+                    op, scores = selection.select_operation(self.net, ct, edge, *scoring,
+                                                            criterion=c.projection_criterion)
                     self.net.project_edge(ct, edge, op)
                     record.update(edge=edge, op=space.ops[op], scores=scores)
                     self.log(f"selection: edge {edge} of the {ct} cell -> {space.ops[op]} (validation accuracy "
@@ -440,7 +441,8 @@ class Searcher:
                 else:  # a node's inputs
                     settled = {p["node"] for p in projections if p["cell_type"] == ct and "node" in p}
                     node = rng.choice([n for n in space.intermediate_nodes if n not in settled])
-                    dropped, rounds = selection.select_inputs(self.net, ct, node, *scoring)
+                    dropped, rounds = selection.select_inputs(self.net, ct, node, *scoring,
+                                                              criterion=c.projection_criterion)
                     for e in dropped:
                         self.net.drop_edge(ct, e)
                     record.update(node=node, dropped=dropped, scores=rounds)

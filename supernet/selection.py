@@ -10,6 +10,10 @@ whose removal costs the supernet the most validation accuracy; then, in spaces w
 of its inputs (DARTS: 2), each node in turn, at random, drops the inputs whose removal costs the least until
 it has that many. The last projection comes at the start of the last tuning epoch; the schedule takes
 `interval * (projections - 1)` tuning epochs (DARTS-PT's NB201 code: `proj_intv * (num_edges - 1)`).
+
+What a removal costs is measured by one of `CRITERIA` (DARTS-PT's `proj_crit`): `accuracy`, the validation
+accuracy lost, ties broken by the loss gained (DARTS-PT's default), or `loss`, the validation loss gained,
+ties broken by the accuracy lost (continuous, so small validation sets rarely tie).
 """
 
 from __future__ import annotations
@@ -27,6 +31,15 @@ from .search_network import SearchNetwork, preserved_batchnorm
 from .spaces import CellSpace
 
 TUNING_LR_FACTOR = 0.1  # DARTS-PT tunes the weights at learning_rate / 10, constant, with fresh momentum
+CRITERIA = ("accuracy", "loss")
+
+
+def removal_cost(score: dict, criterion: str) -> tuple[float, float]:
+    """How much a removal costs the supernet, as a sort key (larger costs more), from its scores without it:
+    by accuracy, then loss, or by loss, then accuracy (`CRITERIA`)."""
+    if criterion == "loss":
+        return score["loss"], -score["accuracy"]
+    return -score["accuracy"], score["loss"]
 
 
 def projection_events(space: CellSpace) -> int:
@@ -81,25 +94,28 @@ def supernet_scores(net: SearchNetwork, pair: data.Pair, batch_size: int, device
 
 
 def select_operation(net: SearchNetwork, cell_type: str, edge: int, pair: data.Pair, batch_size: int,
-                     device: torch.device, autocast: Callable[[], Any] | None = None) -> tuple[int, list[dict]]:
-    """The candidate of `edge` whose removal costs the supernet the most: the lowest validation accuracy
-    without it, then the highest loss, then the first in the space's order (`none`'s removal changes
-    nothing, so it wins only where every other removal helps). Returns its index and each candidate's
-    scores."""
+                     device: torch.device, autocast: Callable[[], Any] | None = None,
+                     criterion: str = "accuracy") -> tuple[int, list[dict]]:
+    """The candidate of `edge` whose removal costs the supernet the most by `criterion` (`removal_cost`:
+    by default the lowest validation accuracy without it, then the highest loss), then the first in the
+    space's order (`none`'s removal changes nothing, so it wins only where every other removal helps).
+    Returns its index and each candidate's scores."""
     candidates, scores = op_candidates(net.space), []
     for k in candidates:
         with net.without_candidate(cell_type, edge, k):
             acc, loss = supernet_scores(net, pair, batch_size, device, autocast)
         scores.append({"op": net.space.ops[k], "accuracy": acc, "loss": loss})
-    costliest = min(range(len(scores)), key=lambda i: (scores[i]["accuracy"], -scores[i]["loss"], i))
+    costliest = max(range(len(scores)), key=lambda i: (*removal_cost(scores[i], criterion), -i))
     return candidates[costliest], scores
 
 
 def select_inputs(net: SearchNetwork, cell_type: str, node: int, pair: data.Pair, batch_size: int,
-                  device: torch.device, autocast: Callable[[], Any] | None = None) -> tuple[list[int], list[dict]]:
+                  device: torch.device, autocast: Callable[[], Any] | None = None,
+                  criterion: str = "accuracy") -> tuple[list[int], list[dict]]:
     """The input edges `node` keeps (the space's inputs_per_node of them): while it has more, the edge whose
-    removal costs the supernet the least (the highest accuracy without it, then the lowest loss, then the
-    first) goes, as DARTS-PT's topology projection. Returns the edges to drop and the scores of each round."""
+    removal costs the supernet the least by `criterion` (by default the highest accuracy without it, then the
+    lowest loss), then the first, goes, as DARTS-PT's topology projection. Returns the edges to drop and the
+    scores of each round."""
     edges = [e for e in net.space.node_edges(node) if e not in net.dropped_edges().get(cell_type, ())]
     dropped, rounds = [], []
     while len(edges) > net.space.inputs_per_node:
@@ -108,7 +124,7 @@ def select_inputs(net: SearchNetwork, cell_type: str, node: int, pair: data.Pair
             with net.without_candidate(cell_type, e, None):
                 acc, loss = supernet_scores(net, pair, batch_size, device, autocast)
             scores.append({"edge": e, "accuracy": acc, "loss": loss})
-        cheapest = max(range(len(scores)), key=lambda i: (scores[i]["accuracy"], -scores[i]["loss"], -i))
+        cheapest = min(range(len(scores)), key=lambda i: (*removal_cost(scores[i], criterion), i))
         dropped.append(edges.pop(cheapest))
         rounds.append(scores)
     return dropped, rounds

@@ -141,13 +141,18 @@ def test_the_schedule_projects_every_edge_by_the_last_tuning_epoch(interval):
     assert due[-1] == 6
 
 
-def test_selection_removes_the_candidate_whose_loss_costs_the_most(split):
+# What a removal costs, recomputed from the scores: the sort key whose smallest value costs the most.
+COSTLIEST_FIRST = {"accuracy": lambda s: (s["accuracy"], -s["loss"]), "loss": lambda s: (-s["loss"], s["accuracy"])}
+
+
+@pytest.mark.parametrize("criterion", list(selection.CRITERIA))
+def test_selection_removes_the_candidate_whose_loss_costs_the_most(criterion, split):
     net = _network("softmax").float()
     pair = split.val
     n = len(pair[1])
     assert n > 32  # several batches
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    chosen, scores = selection.select_operation(net, "cell", 2, pair, 32, torch.device("cpu"))
+    chosen, scores = selection.select_operation(net, "cell", 2, pair, 32, torch.device("cpu"), criterion=criterion)
     for k, name in enumerate(net.space.ops):  # each score: the supernet with that weight zeroed, batch by batch
         w = _dense_weights(net, net.mixing.plan(net.space, net.architecture())["cell"]).float()
         w[2, k] = 0.0
@@ -158,7 +163,7 @@ def test_selection_removes_the_candidate_whose_loss_costs_the_most(split):
             loss += float(F.cross_entropy(logits, pair[1][i:i + 32], reduction="sum"))
         assert scores[k]["op"] == name and scores[k]["accuracy"] == correct / n
         assert scores[k]["loss"] == pytest.approx(loss / n, rel=1e-5)
-    assert chosen == min(range(5), key=lambda k: (scores[k]["accuracy"], -scores[k]["loss"], k))
+    assert chosen == min(range(5), key=lambda k: (*COSTLIEST_FIRST[criterion](scores[k]), k))
     # leaving `none` out changes nothing: its scores are the whole supernet's
     assert (scores[0]["accuracy"], scores[0]["loss"]) == selection.supernet_scores(net, pair, 32, torch.device("cpu"))
     for k, v in net.state_dict().items():  # batch-norm statistics and all else untouched
@@ -214,20 +219,35 @@ def test_perturbation_selection_resumes_bit_identically(interrupt_after, checkpo
     (dict(method="drnas", drnas_progressive=True), "cannot follow drnas_progressive"),
     (dict(projection_interval=0), "projection_interval must be a positive integer"),
     (dict(selection="pt"), r"unknown selection 'pt'; expected one of \['argmax', 'perturbation'\]"),
+    (dict(projection_criterion="ppl"), r"unknown projection_criterion 'ppl'; expected one of \['accuracy', 'loss'\]"),
 ])
 def test_perturbation_selection_refuses_what_it_does_not_apply_to(options, message):
     with pytest.raises(ValueError, match=message):
         SearchConfig(**dict(PT, **options))
 
 
+def test_the_search_projects_by_its_criterion(split):
+    choices = {}
+    for criterion in selection.CRITERIA:
+        searcher = Searcher(SearchConfig(**dict(PT, projection_criterion=criterion)), split)
+        searcher.run()
+        projections = searcher.history["projections"]
+        for p in projections:
+            assert p["op"] == min(p["scores"], key=COSTLIEST_FIRST[criterion])["op"]
+        choices[criterion] = [p["op"] for p in projections]
+    assert choices["accuracy"] != choices["loss"]  # on this seed the two criteria pick differently
+
+
 def test_perturbation_selection_on_the_command_line_and_its_run_folder(tmp_path):
     args = ["search", "--out", str(tmp_path), "--space", "nb201", "--C", "4", "--layers", "1", "--epochs", "1",
             "--batch-size", "16", "--steps-per-epoch", "1", "--max-train", "64", "--retrain-epochs", "0",
-            "--threads", "1", "--quiet", "--selection", "perturbation", "--projection-interval", "1"]
+            "--threads", "1", "--quiet", "--selection", "perturbation", "--projection-interval", "1",
+            "--projection-criterion", "loss"]
     assert cli.main(args) == 0
     (run_dir,) = tmp_path.iterdir()
     results = json.loads((run_dir / "results.json").read_text())
     assert results["config"]["selection"] == "perturbation" and len(results["history"]) == 1 + 5
+    assert results["config"]["projection_criterion"] == "loss"
     run = supernet.search_run.load_run(run_dir)
     assert run.network.projected_edges()["cell"] == {p["edge"]: run.network.space.ops.index(p["op"])
                                                      for p in results["projections"]}
@@ -276,15 +296,17 @@ def test_leaving_a_whole_edge_out_zeroes_its_row_and_dropped_edges_stay_out():
     assert torch.all(net.edge_strengths()["normal"][3] == 0)
 
 
-def test_a_node_drops_the_inputs_whose_removal_costs_least_until_two_are_left(split):
+@pytest.mark.parametrize("criterion", list(selection.CRITERIA))
+def test_a_node_drops_the_inputs_whose_removal_costs_least_until_two_are_left(criterion, split):
     net = _darts_network().float()
     node = 5  # inputs 0..4: edges 9..13
-    dropped, rounds = selection.select_inputs(net, "normal", node, split.val, 32, torch.device("cpu"))
+    dropped, rounds = selection.select_inputs(net, "normal", node, split.val, 32, torch.device("cpu"),
+                                              criterion=criterion)
     assert [len(r) for r in rounds] == [5, 4, 3] and len(dropped) == 3
     left = list(net.space.node_edges(node))
     for scores, edge in zip(rounds, dropped, strict=True):
         assert [s["edge"] for s in scores] == left
-        cheapest = max(scores, key=lambda s: (s["accuracy"], -s["loss"]))
+        cheapest = max(scores, key=COSTLIEST_FIRST[criterion])
         assert edge == cheapest["edge"]
         left.remove(edge)
     assert net.dropped_edges() == {}  # select_inputs only chooses; the searcher drops

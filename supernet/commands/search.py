@@ -19,6 +19,7 @@ from ..distributed import PeerFailure
 from ..search_config import DATASETS, METHODS, SELECTIONS, SearchConfig
 from ..search_loop import DivergenceError
 from ..search_run import search
+from ..selection import CRITERIA
 from ..spaces import list_spaces
 
 HELP = {
@@ -72,6 +73,8 @@ HELP = {
                  "the two inputs whose removal costs the most; --projection-interval tuning epochs between two "
                  "projections)",
     "projection_interval": "selection perturbation: tuning epochs between two projections (DARTS-PT: 5)",
+    "projection_criterion": "selection perturbation: what removing a candidate costs the supernet, the validation "
+                            "accuracy lost (DARTS-PT's default) or the validation loss gained",
     "hessian_every": "every N epochs, record the dominant eigenvalue of the validation-loss Hessian w.r.t. the "
                      "alphas (power iteration on one validation batch; 0: never)",
     "checkpoint_every": "also checkpoint every N steps inside an epoch (0: at epoch ends only)",
@@ -86,7 +89,7 @@ HELP = {
     "retrain_batch_size": "retraining batch size",
 }
 CHOICES = {"method": list(METHODS), "space": list_spaces(), "dataset": list(DATASETS), "precision": list(PRECISIONS),
-           "selection": list(SELECTIONS)}
+           "selection": list(SELECTIONS), "projection_criterion": list(CRITERIA)}
 
 
 def _boolean(text: str) -> bool:
