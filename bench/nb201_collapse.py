@@ -16,6 +16,7 @@ rate and weight-only epochs (README: what they change on this budget). With CIFA
     python bench/nb201_collapse.py --seeds 5 --first-seed 10 --a-lr 3e-3 --arch-warmup-epochs 10
     python bench/nb201_collapse.py --seeds 5 --methods drnas --drnas-progressive
     python bench/nb201_collapse.py --seeds 5 --selection perturbation --projection-interval 2
+    python bench/nb201_collapse.py --seeds 10 --selection perturbation --projection-interval 2 --projection-criterion loss
 
 With `--selection perturbation` (DARTS-PT) each run also reports the cell that argmax would have derived
 from the same search (the last search epoch's), so the two selections are compared on the same supernets.
