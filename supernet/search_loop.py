@@ -435,8 +435,9 @@ class Searcher:
                                                             criterion=c.projection_criterion)
                     self.net.project_edge(ct, edge, op)
                     record.update(edge=edge, op=space.ops[op], scores=scores)
-                    self.log(f"selection: edge {edge} of the {ct} cell -> {space.ops[op]} (validation accuracy "
-                             "without each candidate: " + ", ".join(f"{s['op']} {s['accuracy']:.4f}" for s in scores)
+                    measure = c.projection_criterion  # what the choice compared: 'accuracy' or 'loss'
+                    self.log(f"selection: edge {edge} of the {ct} cell -> {space.ops[op]} (validation {measure} "
+                             "without each candidate: " + ", ".join(f"{s['op']} {s[measure]:.4f}" for s in scores)
                              + ")")
                 else:  # a node's inputs
                     settled = {p["node"] for p in projections if p["cell_type"] == ct and "node" in p}

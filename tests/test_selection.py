@@ -248,6 +248,7 @@ def test_perturbation_selection_on_the_command_line_and_its_run_folder(tmp_path)
     results = json.loads((run_dir / "results.json").read_text())
     assert results["config"]["selection"] == "perturbation" and len(results["history"]) == 1 + 5
     assert results["config"]["projection_criterion"] == "loss"
+    assert "(validation loss without each candidate: " in (run_dir / "log.txt").read_text()  # what it compared
     run = supernet.search_run.load_run(run_dir)
     assert run.network.projected_edges()["cell"] == {p["edge"]: run.network.space.ops.index(p["op"])
                                                      for p in results["projections"]}
